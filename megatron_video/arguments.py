@@ -1,0 +1,207 @@
+"""Megatron-style command line, plus model and data config files, validated before anything heavy starts.
+
+Flag names follow Megatron-LM where one exists, so launch scripts read the same. `parse_args` returns the
+namespace with `model_config` / `data_config` attached as typed dataclasses; `validate_args` raises an
+`ArgumentError` naming the offending value, and runs before any process group or model is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from megatron_video.configfile import ConfigError, from_mapping, read_mapping
+from megatron_video.parallel.config import ParallelConfig, ParallelConfigError
+
+
+class ArgumentError(ValueError):
+    """An invalid command line or config; the message names the flag/key and value."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="megatron-video training", allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = parser.add_argument_group("device and distributed")
+    g.add_argument("--device", choices=("cuda", "npu", "cpu"), default=None,
+                   help="default: cuda if available, else npu if torch_npu imports, else cpu")
+    g.add_argument("--distributed-backend", choices=("nccl", "hccl", "gloo"), default=None,
+                   help="default: the device's (nccl for cuda, hccl for npu, gloo for cpu)")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="collective timeout; a dead rank makes the job fail within it")
+
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1)
+    g.add_argument("--context-parallel-size", type=_positive_int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=_positive_int, default=None)
+    g.add_argument("--pipeline-layer-split", type=str, default=None,
+                   help="explicit blocks per pipeline stage, e.g. 8,8,8,8")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron sequence parallel inside the tensor-parallel group")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--model-config", type=str, default=None, help="JSON/YAML model config (may name a preset)")
+    g.add_argument("--data-config", type=str, default=None, help="JSON/YAML data config")
+
+    g = parser.add_argument_group("batch and schedule")
+    g.add_argument("--micro-batch-size", type=_positive_int, default=1)
+    g.add_argument("--global-batch-size", type=_positive_int, default=None,
+                   help="default: micro batch x data-parallel size (no gradient accumulation)")
+    g.add_argument("--train-iters", type=_positive_int, default=None)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root"),
+                   default="constant")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+
+    g = parser.add_argument_group("optimizer")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-15)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="fixed max grad norm (0 disables)")
+    g.add_argument("--clip-grad-ema-decay", type=float, default=None,
+                   help="adaptive EMA-3sigma clipping with this decay (v1.5 uses 0.99); replaces --clip-grad")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights (0 disables)")
+
+    g = parser.add_argument_group("precision and memory")
+    precision = g.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true")
+    precision.add_argument("--fp16", action="store_true")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
+    g.add_argument("--recompute-num-layers", type=_positive_int, default=None)
+
+    g = parser.add_argument_group("checkpointing and logging")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--save", type=str, default=None)
+    g.add_argument("--load", type=str, default=None)
+    g.add_argument("--save-interval", type=_positive_int, default=None)
+    g.add_argument("--keep-last-checkpoints", type=_positive_int, default=None)
+    g.add_argument("--log-interval", type=_positive_int, default=1)
+    g.add_argument("--tensorboard-dir", type=str, default=None)
+    return parser
+
+
+def _load_model_config(path: str) -> Any:
+    from megatron_video.models.registry import model_config_from_mapping
+
+    try:
+        return model_config_from_mapping(read_mapping(path), source=path)
+    except ConfigError as exc:
+        raise ArgumentError(f"--model-config: {exc}") from exc
+
+
+def _load_data_config(path: str) -> Any:
+    from megatron_video.data.config import DataConfig
+
+    try:
+        config = from_mapping(DataConfig, read_mapping(path), source=path)
+        config.validate()
+    except (ConfigError, ValueError) as exc:
+        raise ArgumentError(f"--data-config: {exc}") from exc
+    return config
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    vpp = None
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        vpp = args.num_layers_per_virtual_pipeline_stage  # resolved to a stage count once the model is known
+    return ParallelConfig(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=args.sequence_parallel,
+    )
+
+
+def validate_args(args: argparse.Namespace, world_size: int, num_heads: int | None = None) -> None:
+    """Every check that needs no process group. Raises ArgumentError naming the offending value."""
+    parallel = parallel_config(args)
+    try:
+        parallel.validate(world_size)
+    except ParallelConfigError as exc:
+        raise ArgumentError(str(exc)) from exc
+    dp = world_size // parallel.model_parallel_size
+    if num_heads is not None:
+        split = args.tensor_model_parallel_size * args.context_parallel_size
+        if num_heads % split != 0:
+            raise ArgumentError(
+                f"attention heads ({num_heads}) are not divisible by TP x CP = "
+                f"{args.tensor_model_parallel_size} x {args.context_parallel_size} = {split}"
+            )
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp) != 0:
+        raise ArgumentError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {dp} = {args.micro_batch_size * dp}"
+        )
+    if args.pipeline_layer_split is not None:
+        try:
+            split = [int(x) for x in args.pipeline_layer_split.split(",")]
+        except ValueError as exc:
+            raise ArgumentError(f"--pipeline-layer-split {args.pipeline_layer_split!r} is not a list of integers") \
+                from exc
+        if len(split) != args.pipeline_model_parallel_size or min(split) < 1:
+            raise ArgumentError(
+                f"--pipeline-layer-split {args.pipeline_layer_split!r} must give {args.pipeline_model_parallel_size}"
+                " positive block counts (one per pipeline stage)"
+            )
+    for flag in ("model_config", "data_config"):
+        value = getattr(args, flag)
+        if isinstance(value, str) and not Path(value).is_file():
+            raise ArgumentError(f"--{flag.replace('_', '-')}: file not found: {value}")
+    if args.load is not None and not Path(args.load).is_dir():
+        raise ArgumentError(f"--load: checkpoint directory not found: {args.load}")
+    if args.recompute_method is not None and args.recompute_granularity != "full":
+        raise ArgumentError("--recompute-method needs --recompute-granularity full")
+    if args.recompute_granularity == "full" and args.recompute_method is not None \
+            and args.recompute_num_layers is None:
+        raise ArgumentError("--recompute-method needs --recompute-num-layers")
+    if args.clip_grad < 0:
+        raise ArgumentError(f"--clip-grad must be >= 0, got {args.clip_grad}")
+    if args.clip_grad_ema_decay is not None and not 0.0 < args.clip_grad_ema_decay < 1.0:
+        raise ArgumentError(f"--clip-grad-ema-decay must be in (0, 1), got {args.clip_grad_ema_decay}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise ArgumentError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.min_lr > args.lr:
+        raise ArgumentError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.save_interval is not None and args.save is None:
+        raise ArgumentError("--save-interval needs --save")
+
+
+def parse_args(
+    argv: Sequence[str] | None = None,
+    world_size: int | None = None,
+    extra_args: Any = None,
+) -> argparse.Namespace:
+    """Parse, load the config files into dataclasses, validate. `extra_args(parser)` adds entry-point flags."""
+    parser = build_parser()
+    if extra_args is not None:
+        extra_args(parser)
+    args = parser.parse_args(argv)
+    world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    # paths first, so a missing file is named before its contents are parsed
+    validate_args(args, world_size)
+    args.model_config = _load_model_config(args.model_config) if args.model_config else None
+    args.data_config = _load_data_config(args.data_config) if args.data_config else None
+    heads = getattr(args.model_config, "num_heads", None)
+    if heads is not None:
+        validate_args(args, world_size, num_heads=heads)
+    return args

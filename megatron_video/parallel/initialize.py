@@ -1,0 +1,98 @@
+"""torch.distributed start-up and megatron-core parallel state."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron_video.adaptor import DeviceBackend, setup_device
+from megatron_video.parallel.config import ParallelConfig
+
+
+def init_distributed(
+    device: str | None = None, timeout_minutes: float = 10.0, backend: str | None = None
+) -> DeviceBackend:
+    """Set up the device backend and the default process group from torchrun's environment
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). A single process without those runs as world 1."""
+    device_backend = setup_device(device)
+    if dist.is_initialized():
+        return device_backend
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device_backend.set_device(local_rank)
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.update(RANK="0", WORLD_SIZE="1")
+    dist.init_process_group(
+        backend=backend or device_backend.dist_backend,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return device_backend
+
+
+def initialize_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
+) -> ParallelConfig:
+    """Build megatron-core's TP/CP/DP/PP groups (rank order tp-cp-dp-pp, as Megatron) on the default group."""
+    from megatron.core import parallel_state as mpu
+
+    config = ParallelConfig(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+    )
+    if not dist.is_initialized():
+        raise RuntimeError("initialize_parallel needs torch.distributed; call init_distributed() first")
+    config.validate(dist.get_world_size())
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        order="tp-cp-ep-dp-pp",
+    )
+    return config
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state as mpu
+
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+
+
+def parallel_layout() -> dict[str, int | list[int]]:
+    """This rank's coordinates and the members of each of its groups."""
+    from megatron.core import parallel_state as mpu
+
+    def members(group: dist.ProcessGroup) -> list[int]:
+        return dist.get_process_group_ranks(group)
+
+    return {
+        "rank": dist.get_rank(),
+        "world_size": dist.get_world_size(),
+        "tp_rank": mpu.get_tensor_model_parallel_rank(),
+        "cp_rank": mpu.get_context_parallel_rank(),
+        "dp_rank": mpu.get_data_parallel_rank(),
+        "pp_rank": mpu.get_pipeline_model_parallel_rank(),
+        "tp_group": members(mpu.get_tensor_model_parallel_group()),
+        "cp_group": members(mpu.get_context_parallel_group()),
+        "dp_group": members(mpu.get_data_parallel_group()),
+        "dp_cp_group": members(mpu.get_data_parallel_group(with_context_parallel=True)),
+        "pp_group": members(mpu.get_pipeline_model_parallel_group()),
+    }
+
+
+def local_device() -> torch.device:
+    from megatron_video.adaptor import current_backend
+
+    return current_backend().device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -1,0 +1,137 @@
+"""Skiparse speed, side by side in one run:
+
+1. joint skiparse attention (video + text) for k = 2, 4, 8 against dense attention (k = 1), forward + backward;
+2. the SUV block stack (sparsity per stage, e.g. 1,2,4,8,4,2,1) against the same model with k = 1 everywhere,
+   forward + backward.
+
+Runs interleave the variants and report medians. Example (CPU):
+    PYTHONPATH=. python bench/bench_suv.py --grid 4 32 32 --heads 2 --head-dim 64 --reps 3 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _timed(fn: Callable[[], None]) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds); CPU time is the robust figure on a shared machine."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _interleaved(runs: dict[str, Callable[[], None]], reps: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, cpu) seconds per variant, the variants interleaved so that load changes hit all alike."""
+    for fn in runs.values():  # warm-up
+        fn()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            times[name].append(_timed(fn))
+    return {name: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+            for name, ts in times.items()}
+
+
+def bench_attention(n: int, text_len: int, heads: int, head_dim: int, reps: int) -> dict[str, tuple[float, float]]:
+    from megatron_video.models.attention import attention
+    from megatron_video.models.suv_mmdit.skiparse import joint_attention
+
+    g = torch.Generator().manual_seed(0)
+    video = [torch.randn(n, 1, heads, head_dim, generator=g, requires_grad=True) for _ in range(3)]
+    text = [torch.randn(text_len, 1, heads, head_dim, generator=g, requires_grad=True) for _ in range(3)]
+    video_valid, text_valid = torch.ones(1, n, dtype=torch.bool), torch.ones(1, text_len, dtype=torch.bool)
+
+    def run(k: int, mode: str) -> Callable[[], None]:
+        def fn() -> None:
+            out, out_text = joint_attention(*video, *text, video_valid, text_valid, k=k, mode=mode,
+                                            scale=head_dim ** -0.5, attn_fn=attention)
+            (out.sum() + out_text.sum()).backward()
+        return fn
+
+    runs = {"dense (k=1)": run(1, "full")}
+    for k in (2, 4, 8):
+        runs[f"k={k} single"] = run(k, "single")
+        runs[f"k={k} group"] = run(k, "group")
+    return _interleaved(runs, reps)
+
+
+def bench_stack(grid: tuple[int, int, int], text_len: int, heads: int, head_dim: int, sparse_n: tuple[int, ...],
+                reps: int) -> dict[str, tuple[float, float]]:
+    from megatron_video.models.suv_mmdit import SUVMMDiT, suv_config
+    from megatron_video.models.suv_mmdit.config import megatron_config
+
+    t, h, w = grid
+    cfg = suv_config("small", num_layers=tuple(1 for _ in sparse_n), sparse_n=sparse_n, num_heads=heads,
+                     head_dim=head_dim)
+    dense_cfg = cfg.replace(sparse_n=tuple(1 for _ in sparse_n))
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(1, cfg.in_channels, t, 2 * h, 2 * w, generator=g),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, 1, text_len, cfg.caption_channels, generator=g),
+        "pooled_projections": torch.randn(1, 1, cfg.pooled_projection_dim, generator=g),
+        "attention_mask": torch.ones(1, t, 2 * h, 2 * w),
+        "encoder_attention_mask": torch.ones(1, 1, text_len),
+    }
+
+    def run(c) -> Callable[[], None]:
+        model = SUVMMDiT(c, megatron_config(c, params_dtype=torch.float32, use_cpu_initialization=True))
+
+        def fn() -> None:
+            model.zero_grad(set_to_none=True)
+            model(**inputs).square().mean().backward()
+        return fn
+
+    label = ",".join(map(str, sparse_n))
+    return _interleaved({f"SUV k=[{label}]": run(cfg), "same, k=1 everywhere": run(dense_cfg)}, reps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", type=int, nargs=3, default=(4, 32, 32), metavar=("T", "H", "W"),
+                        help="video token grid (latent frames, latent H/2, latent W/2)")
+    parser.add_argument("--text-len", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--sparse-n", type=int, nargs="+", default=(1, 2, 4, 8, 4, 2, 1))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+    if len(args.sparse_n) % 2 != 1:
+        parser.error("--sparse-n needs an odd number of stages")
+    torch.set_num_threads(args.threads)
+
+    from megatron_video.parallel import init_distributed, initialize_parallel
+    from megatron_video.parallel.spawn import free_port
+
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    init_distributed("cpu")
+    initialize_parallel(tensor_model_parallel_size=1)
+
+    t, h, w = args.grid
+    n = t * h * w
+    print(f"# tokens: video {n} + text {args.text_len}, heads {args.heads} x {args.head_dim}, fp32, "
+          f"{torch.get_num_threads()} threads, median of {args.reps}, forward + backward")
+    attn_times = bench_attention(n, args.text_len, args.heads, args.head_dim, args.reps)
+    _table("skiparse joint attention vs dense", attn_times, "dense (k=1)")
+    stack_times = bench_stack(tuple(args.grid), args.text_len, args.heads, args.head_dim, tuple(args.sparse_n),
+                              args.reps)
+    _table("block stack (one block per stage) vs k=1 everywhere", stack_times, "same, k=1 everywhere")
+
+
+def _table(title: str, times: dict[str, tuple[float, float]], reference: str) -> None:
+    ref_wall, ref_cpu = times[reference]
+    print(f"\n## {title}")
+    print(f"{'variant':<32} {'wall ms':>10} {'rel.':>7} {'cpu ms':>10} {'rel.':>7}")
+    for name, (wall, cpu) in times.items():
+        print(f"{name:<32} {wall * 1e3:>10.1f} {wall / ref_wall:>7.3f} {cpu * 1e3:>10.1f} {cpu / ref_cpu:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Small building blocks of the SUV MMDiT: fp32 norms, modulation maths, tensor-parallel helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig, parallel_state
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+)
+from torch import nn
+
+
+def tp_world_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def sequence_parallel_on(config: ModelParallelConfig) -> bool:
+    return bool(config.sequence_parallel) and tp_world_size() > 1
+
+
+def without_sequence_parallel(config: ModelParallelConfig) -> ModelParallelConfig:
+    """A copy of `config` for column-parallel layers whose input is not a sequence shard."""
+    if not config.sequence_parallel:
+        return config
+    return dataclasses.replace(config, sequence_parallel=False)
+
+
+def normal_init(std: float):
+    def init(weight: torch.Tensor) -> None:
+        nn.init.normal_(weight, mean=0.0, std=std)
+
+    return init
+
+
+def mark_sequence_parallel(module: nn.Module, config: ModelParallelConfig) -> None:
+    """Tag replicated parameters applied to sequence shards: megatron-core's finalize_model_grads all-reduces
+    the gradients of `param.sequence_parallel` parameters over TP when sequence parallelism is on."""
+    if config.sequence_parallel:
+        for param in module.parameters():
+            param.sequence_parallel = True
+
+
+def gather_shared_input(x: torch.Tensor, config: ModelParallelConfig) -> torch.Tensor:
+    """The full-sequence input of several column-parallel linears (built with `disable_grad_reduce`): one
+    all-gather (backward reduce-scatter) under sequence parallelism, else an identity whose backward
+    all-reduces over TP."""
+    if tp_world_size() == 1:
+        return x
+    if config.sequence_parallel:
+        return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
+    return copy_to_tensor_model_parallel_region(x)
+
+
+class LayerNorm(nn.Module):
+    """Affine LayerNorm computed in fp32, result in the input dtype (the fork's Megatron LayerNorm)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(x.float(), self.weight.shape, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over head_dim with one weight shared by all heads; fp32 maths, one rounding (fused npu_rms_norm).
+
+    Heads are split over TP, so every rank sees only some heads: the weight passes through an identity whose
+    backward all-reduces its gradient over TP, which makes the replicas' gradients complete and equal."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if tp_world_size() > 1 and weight.requires_grad:
+            weight = copy_to_tensor_model_parallel_region(weight)
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps) * weight.float()
+        return out.to(x.dtype)
+
+
+class Modulation(nn.Module):
+    """silu(temb) -> column-parallel Linear(E -> n*H), gathered to the full n*H, in fp32.
+
+    temb is fp32 and the weight is upcast (the released run relied on Ascend's matmul dtype promotion). The
+    output is replicated; under sequence parallelism each rank uses it on its own sequence shard only, so its
+    gradient is all-reduced over TP before the gather's backward takes this rank's slice."""
+
+    def __init__(self, in_dim: int, out_dim: int, config: ModelParallelConfig, init_std: float) -> None:
+        super().__init__()
+        self.sequence_parallel = config.sequence_parallel
+        self.linear = ColumnParallelLinear(
+            in_dim, out_dim, config=dataclasses.replace(without_sequence_parallel(config),
+                                                        gradient_accumulation_fusion=False),
+            init_method=normal_init(init_std), bias=True, gather_output=False, skip_bias_add=True,
+        )
+
+    def forward(self, temb: torch.Tensor) -> torch.Tensor:
+        out, bias = self.linear(F.silu(temb.float())[None], weight=self.linear.weight.float())
+        out = out[0] + bias.float()
+        if tp_world_size() == 1:
+            return out
+        out = gather_from_tensor_model_parallel_region(out)
+        if self.sequence_parallel:
+            out = copy_to_tensor_model_parallel_region(out)
+        return out
+
+
+def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """normed * (1 + scale) + shift in fp32 (per-sample (B, H) vectors over (S, B, H)), back to the stream dtype."""
+    return (normed.float() * (1 + scale[None]) + shift[None]).to(normed.dtype)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """x + gate * branch in fp32, stored in the stream dtype."""
+    return (x.float() + gate[None] * branch.float()).to(x.dtype)
+
+
+__all__ = [
+    "HeadRMSNorm", "LayerNorm", "Modulation", "gated_residual", "gather_shared_input", "mark_sequence_parallel",
+    "modulate", "normal_init", "sequence_parallel_on", "tp_world_size", "without_sequence_parallel",
+]

@@ -1,0 +1,410 @@
+"""The SUV (sparse U-shaped) MMDiT denoiser of Open-Sora Plan v1.5, tensor-parallel with megatron-core.
+
+Reads top to bottom like the forward specification (shared/reference/osp_v1_5_forward.md):
+embeddings (section 2-3) -> dual-stream blocks with skiparse joint attention (4-6) in a U-shape with long
+skips (7) -> final norms, projection and unpatchify (8-10). Activations are sequence-first (S, B, H); under
+Megatron sequence parallelism the video and text streams are split along S over the TP group between the
+tensor-parallel regions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    checkpoint,
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from torch import Tensor, nn
+
+from megatron_video.models.attention import attention
+from megatron_video.models.suv_mmdit.config import BlockSpec, SUVConfig
+from megatron_video.models.suv_mmdit.layers import (
+    HeadRMSNorm,
+    LayerNorm,
+    Modulation,
+    gated_residual,
+    gather_shared_input,
+    mark_sequence_parallel,
+    modulate,
+    normal_init,
+    sequence_parallel_on,
+    tp_world_size,
+    without_sequence_parallel,
+)
+from megatron_video.models.suv_mmdit.rope import apply_rope, rope_cos_sin
+from megatron_video.models.suv_mmdit.skiparse import joint_attention, pad_sequence
+
+# ---------------------------------------------------------------------------------------------- embeddings
+
+
+class PatchEmbed(nn.Module):
+    """Per-frame 2x2 stride-2 convolution; tokens flattened in (t, h, w) order, sequence-first."""
+
+    def __init__(self, cfg: SUVConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        p = cfg.patch_size
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, kernel_size=p, stride=p, dtype=dtype)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = latent.shape
+        frames = latent.transpose(1, 2).reshape(b * t, c, h, w)
+        tokens = self.proj(frames.to(self.proj.weight.dtype))  # (B*T, D, h', w')
+        d, hp, wp = tokens.shape[1:]
+        return tokens.reshape(b, t, d, hp, wp).permute(1, 3, 4, 0, 2).reshape(t * hp * wp, b, d)
+
+
+def timestep_sinusoid(timestep: torch.Tensor, dim: int) -> torch.Tensor:
+    """[cos(t f_j) | sin(t f_j)], f_j = 10000^(-j / (dim/2)); fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=timestep.device, dtype=torch.float32) / half)
+    args = timestep.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """linear_1 -> silu -> linear_2 (diffusers TimestepEmbedding / PixArtAlphaTextProjection)."""
+
+    def __init__(self, in_dim: int, dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim, dtype=dtype)
+        self.linear_2 = nn.Linear(dim, dim, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimeTextEmbed(nn.Module):
+    """temb = fp32(MLP(sinusoid(sigma * 1000)) + MLP(pooled CLIP embedding)), summed in the model dtype."""
+
+    def __init__(self, cfg: SUVConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dim = cfg.timestep_embed_dim
+        self.timestep_embedder = MLPEmbedder(self.dim, self.dim, dtype)
+        self.text_embedder = MLPEmbedder(cfg.pooled_projection_dim, self.dim, dtype)
+
+    def forward(self, timestep: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        dtype = self.timestep_embedder.linear_1.weight.dtype
+        tau = self.timestep_embedder(timestep_sinusoid(timestep, self.dim).to(dtype))
+        return (tau + self.text_embedder(pooled.to(dtype))).float()
+
+
+# ------------------------------------------------------------------------------------------------- blocks
+
+
+class JointAttention(nn.Module):
+    """q/k/v per stream (column-parallel), per-head qk RMSNorm per stream, 3D RoPE on video, joint skiparse
+    attention over [video ; text], output projections per stream (row-parallel)."""
+
+    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig, spec: BlockSpec) -> None:
+        super().__init__()
+        hidden, dtype, init = cfg.hidden_size, config.params_dtype, normal_init(cfg.init_std)
+        self.spec, self.config = spec, config
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        # Swappable for context parallelism: the sequence layout (`layout_fn`, dense or skiparse) and the
+        # kernel (`attn_fn`) are separate functions.
+        self.layout_fn = joint_attention
+        self.attn_fn = functools.partial(attention, backend=cfg.attention_backend)
+        # q/k/v of one stream share one gathered input (one all-gather instead of three under SP).
+        local = without_sequence_parallel(config)
+        col = functools.partial(ColumnParallelLinear, hidden, hidden, config=local, init_method=init, bias=True,
+                                gather_output=False, disable_grad_reduce=True)
+        row = functools.partial(RowParallelLinear, hidden, hidden, config=config, init_method=init, bias=True,
+                                input_is_parallel=True, skip_bias_add=False)
+        self.to_q, self.to_k, self.to_v = col(), col(), col()
+        self.add_q, self.add_k, self.add_v = col(), col(), col()
+        self.to_out = row()
+        self.to_add_out = row() if (not spec.context_pre_only or cfg.build_last_block_text_modules) else None
+        self.norm_q, self.norm_k = (HeadRMSNorm(cfg.head_dim, cfg.norm_eps, dtype) for _ in range(2))
+        self.norm_added_q, self.norm_added_k = (HeadRMSNorm(cfg.head_dim, cfg.norm_eps, dtype) for _ in range(2))
+        if spec.context_pre_only:  # text queries cannot reach the output of the last block
+            for module in (self.add_q, self.norm_added_q):
+                module.requires_grad_(False)
+
+    def _heads(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = linear(x)[0]
+        return out.reshape(out.shape[0], out.shape[1], -1, self.head_dim)
+
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+        video_valid: torch.Tensor, text_valid: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, c = gather_shared_input(x, self.config), gather_shared_input(c, self.config)
+        q = apply_rope(self.norm_q(self._heads(self.to_q, x)), *rope)
+        k = apply_rope(self.norm_k(self._heads(self.to_k, x)), *rope)
+        v = self._heads(self.to_v, x)
+        q_text = None if self.spec.context_pre_only else self.norm_added_q(self._heads(self.add_q, c))
+        k_text, v_text = self.norm_added_k(self._heads(self.add_k, c)), self._heads(self.add_v, c)
+        out, out_text = self.layout_fn(
+            q, k, v, q_text, k_text, v_text, video_valid, text_valid,
+            k=self.spec.k, mode=self.spec.mode, scale=self.scale, attn_fn=self.attn_fn,
+        )
+        a = self.to_out(out.flatten(2))[0]
+        a_text = self.to_add_out(out_text.flatten(2))[0] if out_text is not None else None
+        return a, a_text
+
+
+class FeedForward(nn.Module):
+    """Linear(H -> 4H, column) -> GELU-tanh in fp32 -> Linear(4H -> H, row); no biases."""
+
+    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig) -> None:
+        super().__init__()
+        init = normal_init(cfg.init_std)
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, config=config, init_method=init,
+                                        bias=False, gather_output=False)
+        self.fc2 = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, config=config, init_method=init,
+                                     bias=False, input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)[0]
+        return self.fc2(F.gelu(h.float(), approximate="tanh").to(h.dtype))[0]
+
+
+class LongSkip(nn.Module):
+    """Decoder-stage input: Linear(2H -> H) over [main ; skip] per stream, initialised to [I | 0], no norm."""
+
+    def __init__(self, cfg: SUVConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.video = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, dtype=dtype)
+        self.text = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, dtype=dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for linear in (self.video, self.text):
+                linear.weight.zero_()
+                linear.weight.diagonal().fill_(1.0)  # (H, 2H): identity on the main half
+                linear.bias.zero_()
+
+    def forward(self, x: Tensor, c: Tensor, x_skip: Tensor, c_skip: Tensor) -> tuple[Tensor, Tensor]:
+        return self.video(torch.cat([x, x_skip], dim=-1)), self.text(torch.cat([c, c_skip], dim=-1))
+
+
+class SUVBlock(nn.Module):
+    """One dual-stream MMDiT block. Knows its place in the U-shape (`spec`: stage, k, single/group)."""
+
+    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig, spec: BlockSpec) -> None:
+        super().__init__()
+        hidden, eps, dtype = cfg.hidden_size, cfg.norm_eps, config.params_dtype
+        self.spec = spec
+        self.long_skip = LongSkip(cfg, dtype) if spec.skip_in is not None else None
+        self.norm1 = Modulation(cfg.timestep_embed_dim, 6 * hidden, config, cfg.init_std)
+        self.norm1_video, self.norm1_text = LayerNorm(hidden, eps, dtype), LayerNorm(hidden, eps, dtype)
+        self.attn = JointAttention(cfg, config, spec)
+        self.norm2 = Modulation(cfg.timestep_embed_dim, 6 * hidden, config, cfg.init_std)
+        self.norm2_video = LayerNorm(hidden, eps, dtype)
+        self.ff = FeedForward(cfg, config)
+        text_out = not spec.context_pre_only or cfg.build_last_block_text_modules
+        self.norm2_text = LayerNorm(hidden, eps, dtype) if text_out else None
+        self.ff_text = FeedForward(cfg, config) if text_out else None
+        if spec.context_pre_only:  # kept only to hold released weights; they cannot reach the output
+            for module in (self.attn.to_add_out, self.norm2_text, self.ff_text):
+                if module is not None:
+                    module.requires_grad_(False)
+        for module in (self.long_skip, self.norm1_video, self.norm1_text, self.norm2_video, self.norm2_text):
+            if module is not None:
+                mark_sequence_parallel(module, config)
+        self.recompute_ffn = False  # selective recompute (set by the model from the Megatron flags)
+
+    def attention_half(self, x: Tensor, c: Tensor, temb: Tensor, rope_cos: Tensor, rope_sin: Tensor,
+                       video_valid: Tensor, text_valid: Tensor) -> tuple[Tensor, Tensor]:
+        shift, scale, gate, c_shift, c_scale, c_gate = self.norm1(temb).chunk(6, dim=-1)
+        x_mod = modulate(self.norm1_video(x), shift, scale)
+        c_mod = modulate(self.norm1_text(c), c_shift, c_scale)
+        a, a_text = self.attn(x_mod, c_mod, (rope_cos, rope_sin), video_valid, text_valid)
+        x = gated_residual(x, gate, a)
+        if not self.spec.context_pre_only:
+            c = gated_residual(c, c_gate, a_text)
+        return x, c
+
+    def ffn_half(self, x: Tensor, c: Tensor, temb: Tensor) -> tuple[Tensor, Tensor]:
+        shift, scale, gate, c_shift, c_scale, c_gate = self.norm2(temb).chunk(6, dim=-1)
+        x = gated_residual(x, gate, self.ff(modulate(self.norm2_video(x), shift, scale)))
+        if not self.spec.context_pre_only:
+            c = gated_residual(c, c_gate, self.ff_text(modulate(self.norm2_text(c), c_shift, c_scale)))
+        return x, c
+
+    def forward(self, x: Tensor, c: Tensor, temb: Tensor, rope_cos: Tensor, rope_sin: Tensor, video_valid: Tensor,
+                text_valid: Tensor, x_skip: Tensor | None = None, c_skip: Tensor | None = None,
+                ) -> tuple[Tensor, Tensor]:
+        """x (N, B, H) video and c (L, B, H) text streams (sequence shards under SP); temb (B, E) fp32; RoPE
+        (N, head_dim); key validity (B, N) and (B, L); the paired encoder output if this block starts a
+        decoder stage."""
+        if self.long_skip is not None:
+            if x_skip is None or c_skip is None:
+                raise ValueError(f"block {self.spec.index} starts a decoder stage and needs its long-skip input")
+            x, c = self.long_skip(x, c, x_skip, c_skip)
+        x, c = self.attention_half(x, c, temb, rope_cos, rope_sin, video_valid, text_valid)
+        if self.recompute_ffn and torch.is_grad_enabled():
+            return checkpoint(self.ffn_half, False, x, c, temb)
+        return self.ffn_half(x, c, temb)
+
+
+# ------------------------------------------------------------------------------------------------- output
+
+
+class FinalLayer(nn.Module):
+    """norm_final (LayerNorm), then AdaNorm: LayerNorm * (1 + scale) + shift, then Linear(H -> p*p*C)."""
+
+    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig) -> None:
+        super().__init__()
+        hidden, dtype = cfg.hidden_size, config.params_dtype
+        self.norm_final = LayerNorm(hidden, cfg.norm_eps, dtype)
+        self.norm_out = Modulation(cfg.timestep_embed_dim, 2 * hidden, config, cfg.init_std)
+        self.norm = LayerNorm(hidden, cfg.norm_eps, dtype)
+        self.proj_out = nn.Linear(hidden, cfg.patch_out_features, dtype=dtype)
+        for module in (self.norm_final, self.norm, self.proj_out):
+            mark_sequence_parallel(module, config)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.norm_out(temb).chunk(2, dim=-1)
+        return self.proj_out(modulate(self.norm(self.norm_final(x)), shift, scale))
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch: int, channels: int) -> torch.Tensor:
+    """(N, B, p*p*C) with features ordered (a, e, c), c fastest -> (B, C, T, p*h', p*w')."""
+    t, h, w = grid
+    b = tokens.shape[1]
+    x = tokens.reshape(t, h, w, b, patch, patch, channels)
+    return x.permute(3, 6, 0, 1, 4, 2, 5).reshape(b, channels, t, h * patch, w * patch)
+
+
+def video_token_validity(attention_mask: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, T, H, W) latent mask -> (B, N) bool; a token is valid if any latent pixel of its patch is."""
+    b, t, h, w = attention_mask.shape
+    m = attention_mask.reshape(b, t, h // patch, patch, w // patch, patch).amax(dim=(3, 5))
+    return m.reshape(b, -1) > 0
+
+
+# -------------------------------------------------------------------------------------------------- model
+
+
+class SUVMMDiT(nn.Module):
+    """The denoiser: velocity = model(x_t, sigma * 1000, T5 states, CLIP pooled, masks)."""
+
+    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig) -> None:
+        super().__init__()
+        tp = tp_world_size()
+        if config.tensor_model_parallel_size != tp:
+            raise ValueError(f"config.tensor_model_parallel_size={config.tensor_model_parallel_size} but the "
+                             f"initialised TP group has {tp} ranks")
+        if cfg.num_heads % tp != 0:
+            raise ValueError(f"num_heads {cfg.num_heads} is not divisible by TP size {tp}")
+        self.cfg, self.config = cfg, config  # `config` is what megatron-core's get_model_config reads
+        dtype = config.params_dtype
+        self.patch_embed = PatchEmbed(cfg, dtype)
+        self.time_text_embed = TimeTextEmbed(cfg, dtype)
+        self.caption_projection = nn.Linear(cfg.caption_channels, cfg.hidden_size, dtype=dtype)
+        self.blocks = nn.ModuleList(SUVBlock(cfg, config, spec) for spec in cfg.block_specs())
+        self.final = FinalLayer(cfg, config)
+        self.recompute_blocks = self._configure_recompute(config)
+
+    def _configure_recompute(self, config: ModelParallelConfig) -> set[int]:
+        """Megatron flags: full (per block: uniform with 1 layer, or block with the first n layers) or
+        selective (the FFN half of every block, as the training fork did)."""
+        granularity = getattr(config, "recompute_granularity", None)
+        if granularity is None:
+            return set()
+        if granularity == "selective":
+            for block in self.blocks:
+                block.recompute_ffn = True
+            return set()
+        method, n = getattr(config, "recompute_method", None), getattr(config, "recompute_num_layers", None)
+        if method == "uniform" and n == 1:
+            return set(range(len(self.blocks)))
+        if method == "block" and n is not None:
+            return set(range(min(n, len(self.blocks))))
+        raise ValueError(f"full recompute supports method 'uniform' with 1 layer or 'block'; got {method!r}, {n}")
+
+    def check_inputs(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
+                     pooled_projections: Tensor, attention_mask: Tensor, encoder_attention_mask: Tensor) -> None:
+        cfg = self.cfg
+        if hidden_states.dim() != 5 or hidden_states.shape[1] != cfg.in_channels:
+            raise ValueError(f"hidden_states must be (B, {cfg.in_channels}, T, H, W), got {tuple(hidden_states.shape)}")
+        b, _, t, h, w = hidden_states.shape
+        if h % cfg.patch_size or w % cfg.patch_size:
+            raise ValueError(f"latent H, W ({h}, {w}) must be multiples of the patch size {cfg.patch_size}")
+        if tuple(attention_mask.shape) != (b, t, h, w):
+            raise ValueError(f"attention_mask must be (B, T, H, W) = {(b, t, h, w)}, got {tuple(attention_mask.shape)}")
+        if tuple(timestep.shape) != (b,):
+            raise ValueError(f"timestep must be (B,) = ({b},), got {tuple(timestep.shape)}")
+        if pooled_projections.numel() != b * cfg.pooled_projection_dim:
+            raise ValueError(f"pooled_projections must be (B, 1, {cfg.pooled_projection_dim})")
+        if encoder_hidden_states.shape[0] != b or encoder_hidden_states.shape[-1] != cfg.caption_channels:
+            raise ValueError(f"encoder_hidden_states must be (B, 1, L, {cfg.caption_channels})")
+        text_len = encoder_hidden_states.shape[-2]
+        if encoder_attention_mask.numel() != b * text_len:
+            raise ValueError(f"encoder_attention_mask must hold B x L = {b} x {text_len} entries")
+        if not bool((encoder_attention_mask.reshape(b, text_len) > 0).any(dim=1).all()):
+            raise ValueError("every sample needs at least one valid text token (its keys are never empty then)")
+
+    def embed(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
+              pooled_projections: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Latent, timestep, text -> video tokens x (N, B, H), text tokens c (L, B, H), conditioning temb."""
+        b = hidden_states.shape[0]
+        temb = self.time_text_embed(timestep, pooled_projections.reshape(b, -1))
+        x = self.patch_embed(hidden_states)
+        text = encoder_hidden_states.reshape(b, -1, self.cfg.caption_channels).transpose(0, 1)
+        c = self.caption_projection(text.to(self.caption_projection.weight.dtype))
+        return x, c, temb
+
+    def split_sequence(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor], video_valid: Tensor,
+                       text_valid: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor, Tensor]:
+        """Sequence parallelism: pad both streams to a multiple of the TP size with invalid tokens (masked as
+        keys, outputs dropped, so they change nothing) and keep this rank's shard of each."""
+        tp = tp_world_size()
+        n, text_len = x.shape[0] + (-x.shape[0]) % tp, c.shape[0] + (-c.shape[0]) % tp
+        x, c = pad_sequence(x, n), pad_sequence(c, text_len)
+        rope = tuple(pad_sequence(r, n) for r in rope)
+        video_valid = pad_sequence(video_valid.t(), n, False).t()
+        text_valid = pad_sequence(text_valid.t(), text_len, False).t()
+        x, c = scatter_to_sequence_parallel_region(x), scatter_to_sequence_parallel_region(c)
+        return x, c, rope, video_valid, text_valid
+
+    def run_blocks(self, x: Tensor, c: Tensor, temb: Tensor, rope: tuple[Tensor, ...], video_valid: Tensor,
+                   text_valid: Tensor) -> Tensor:
+        skips: list[tuple[torch.Tensor, torch.Tensor]] = []  # LIFO: decoder stage s pops encoder stage S-1-s
+        for block in self.blocks:
+            x_skip, c_skip = skips.pop() if block.spec.skip_in is not None else (None, None)
+            args = (x, c, temb, *rope, video_valid, text_valid, x_skip, c_skip)
+            if block.spec.index in self.recompute_blocks and torch.is_grad_enabled():
+                x, c = checkpoint(block, False, *args)
+            else:
+                x, c = block(*args)
+            if block.spec.skip_out:
+                skips.append((x, c))
+        return x
+
+    def forward(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor, attention_mask: torch.Tensor, encoder_attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        self.check_inputs(hidden_states, timestep, encoder_hidden_states, pooled_projections, attention_mask,
+                          encoder_attention_mask)
+        cfg = self.cfg
+        b, _, t, h, w = hidden_states.shape
+        grid = (t, h // cfg.patch_size, w // cfg.patch_size)
+        video_valid = video_token_validity(attention_mask, cfg.patch_size)
+        text_valid = encoder_attention_mask.reshape(b, -1) > 0
+        rope = rope_cos_sin(grid, cfg.head_dim, cfg.rope_base, hidden_states.device)
+        x, c, temb = self.embed(hidden_states, timestep, encoder_hidden_states, pooled_projections)
+        n = x.shape[0]
+        sequence_parallel = sequence_parallel_on(self.config)
+        if sequence_parallel:
+            x, c, rope, video_valid, text_valid = self.split_sequence(x, c, rope, video_valid, text_valid)
+        x = self.run_blocks(x, c, temb, rope, video_valid, text_valid)
+        out = self.final(x, temb)
+        if sequence_parallel:
+            out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)[:n]
+        return unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
+
+
+__all__ = ["FinalLayer", "JointAttention", "SUVBlock", "SUVMMDiT", "unpatchify", "video_token_validity"]

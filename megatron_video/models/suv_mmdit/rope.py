@@ -1,0 +1,52 @@
+"""3D rotary position embedding of the video tokens (forward spec section 5).
+
+Each head vector is split into (t, h, w) blocks of 4/16, 6/16 and 6/16 of head_dim (32:48:48 at 128). Inside a
+block of size D, dim j pairs with dim j + D/2 (rotate-half) at frequency base^(-2j/D), and the position is the
+integer grid index of the token along that axis. Computed in fp32; applied before the skiparse layout so every
+token keeps its true position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_sections(head_dim: int) -> tuple[int, int, int]:
+    unit = head_dim // 16
+    return 4 * unit, 6 * unit, 6 * unit
+
+
+def rope_cos_sin(
+    grid: tuple[int, int, int], head_dim: int, base: float, device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (N, head_dim), fp32, for tokens flattened in (t, h, w) order."""
+    t, h, w = grid
+    axes = torch.meshgrid(
+        torch.arange(t, device=device), torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij",
+    )
+    angles = []
+    for pos, size in zip(axes, rope_sections(head_dim)):
+        freqs = base ** (-torch.arange(0, size, 2, device=device, dtype=torch.float64) / size)
+        ang = pos.reshape(-1, 1).to(torch.float64) * freqs  # (N, size/2)
+        angles.append(torch.cat([ang, ang], dim=-1))
+    angle = torch.cat(angles, dim=-1)
+    return angle.cos().float(), angle.sin().float()
+
+
+def _rotate_half_blocks(u: torch.Tensor, sections: tuple[int, ...]) -> torch.Tensor:
+    out = []
+    for block in u.split(list(sections), dim=-1):
+        first, second = block.chunk(2, dim=-1)
+        out += [-second, first]
+    return torch.cat(out, dim=-1)
+
+
+def apply_rope(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate u (N, B, heads, head_dim) by positions (N, head_dim); fp32 maths, result in u's dtype."""
+    x = u.float()
+    cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+    rotated = x * cos + _rotate_half_blocks(x, rope_sections(u.shape[-1])) * sin
+    return rotated.to(u.dtype)
+
+
+__all__ = ["apply_rope", "rope_cos_sin", "rope_sections"]

@@ -1,0 +1,168 @@
+"""Map-style dataset of decoded clips at their planned shape, with bad-file skipping."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from megatron_video.data.captions import build_caption
+from megatron_video.data.config import DataConfig
+from megatron_video.data.decode import DecodeError, decode_image, decode_video, to_tensor
+from megatron_video.data.metadata import Metadata, MetadataError, load_metadata
+from megatron_video.data.shapes import ShapePlan, decode_key, frame_indices, plan_shapes
+
+logger = logging.getLogger(__name__)
+
+MAX_REPLACEMENT_ATTEMPTS = 32
+
+
+class TooManyBadSamplesError(RuntimeError):
+    """More unreadable samples than `DataConfig.max_bad_samples` on one rank."""
+
+
+class SampleIndex:
+    """Resolves a dataset item: an int, or (sample id, epoch[, sampler position]) from `build_dataloader`."""
+
+    @staticmethod
+    def split(item: int | tuple[int, ...], default_epoch: int) -> tuple[int, int]:
+        if isinstance(item, tuple):
+            return int(item[0]), int(item[1])
+        return int(item), default_epoch
+
+    @staticmethod
+    def position(item: int | tuple[int, ...]) -> tuple[int, int] | None:
+        return (int(item[1]), int(item[2])) if isinstance(item, tuple) and len(item) == 3 else None
+
+
+class BadSampleTracker:
+    """Bad-sample counter shared by a rank's DataLoader worker processes (fork or spawn).
+
+    A shared-memory tensor with one slot per process (main = slot 0, worker w = slot w + 1): every process
+    only writes its own slot, so there is no lost update without a lock, and the total is the sum.
+    """
+
+    SLOTS = 256
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._counts = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
+
+    def record(self, sample_id: int, error: Exception) -> int:
+        info = torch.utils.data.get_worker_info()
+        slot = 0 if info is None else (info.id + 1) % self.SLOTS
+        self._counts[slot] += 1
+        count = self.count
+        logger.warning("bad sample %d skipped (%d so far on this rank): %s", sample_id, count, error)
+        if count > self.limit:
+            raise TooManyBadSamplesError(
+                f"{count} unreadable samples on this rank exceed max_bad_samples={self.limit}; last: sample "
+                f"{sample_id}: {error}. Check the data set (missing/truncated/corrupt files) or raise the "
+                "bound.")
+        return count
+
+    @property
+    def count(self) -> int:
+        return int(self._counts.sum())
+
+
+class ShapeBuckets:
+    """Members of each shape key, built on first use (only needed when replacing a bad sample)."""
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self._keys = keys
+        self._order: np.ndarray | None = None
+
+    def members(self, key: int) -> np.ndarray:
+        if self._order is None:
+            self._order = np.argsort(self._keys, kind="stable")
+            self._sorted = self._keys[self._order]
+        lo, hi = np.searchsorted(self._sorted, key, "left"), np.searchsorted(self._sorted, key, "right")
+        return self._order[lo:hi]
+
+    def replacement(self, key: int, requested: int, epoch: int, attempt: int, seed: int) -> int:
+        """A deterministic other member of the bucket (same on every TP/CP peer)."""
+        members = self.members(key)
+        if len(members) < 2:
+            raise DecodeError(f"sample {requested} is unreadable and its shape bucket has no other member")
+        rng = np.random.default_rng([seed, requested, epoch, attempt, 0xBAD])
+        pick = int(members[rng.integers(0, len(members) - 1)])
+        return pick if pick != requested else int(members[-1])
+
+
+class VideoDataset(Dataset):
+    """Item -> {"video": (3, T, H, W) in [-1, 1], "caption": str, "sample_id": int, "shape": (T, H, W),
+    "requested_id": int}. `sample_id` differs from `requested_id` when an unreadable sample was replaced by
+    another of the same shape bucket (so the batch keeps its size and shape)."""
+
+    def __init__(self, metadata: Metadata, config: DataConfig, plan: ShapePlan | None = None) -> None:
+        config.validate()
+        self.metadata, self.config = metadata, config
+        self.plan = plan if plan is not None else plan_shapes(metadata.columns, config.shape)
+        self.bad_samples = BadSampleTracker(config.max_bad_samples)
+        self.buckets = ShapeBuckets(self.plan.keys)
+        self.epoch = 0
+
+    @classmethod
+    def from_config(cls, config: DataConfig) -> VideoDataset:
+        return cls(load_metadata(config.metadata_paths, config.data_root), config)
+
+    @property
+    def shape_keys(self) -> np.ndarray:
+        return self.plan.keys
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for plain int items (tagged items carry their own)."""
+        self.epoch = epoch
+
+    def bad_sample_count(self) -> int:
+        """Unreadable samples met so far on this rank (all worker processes)."""
+        return self.bad_samples.count
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+    def __getitem__(self, item: int | tuple[int, ...]) -> dict[str, Any]:
+        requested, epoch = SampleIndex.split(item, self.epoch)
+        key = int(self.plan.keys[requested])
+        if key < 0:
+            raise IndexError(f"sample {requested} is excluded by shape planning; use the batch sampler")
+        current = requested
+        for attempt in range(MAX_REPLACEMENT_ATTEMPTS):
+            try:
+                sample = self.load(current, epoch)
+                sample["requested_id"] = requested
+                if SampleIndex.position(item) is not None:
+                    sample["position"] = SampleIndex.position(item)
+                return sample
+            except (DecodeError, MetadataError) as e:
+                self.bad_samples.record(current, e)
+                current = self.buckets.replacement(key, requested, epoch, attempt, self.config.seed)
+        raise DecodeError(f"sample {requested}: {MAX_REPLACEMENT_ATTEMPTS} replacements from its bucket "
+                          f"{decode_key(key)} were unreadable too")
+
+    def load(self, sample_id: int, epoch: int) -> dict[str, Any]:
+        """Decode one sample at its planned shape (raises DecodeError / MetadataError on bad input)."""
+        rec = self.metadata.record(sample_id)
+        t, h, w = decode_key(self.plan.keys[sample_id])
+        if rec.is_image:
+            frames = decode_image(rec.path, (h, w), rec.crop)
+        else:
+            rng = np.random.default_rng([self.config.seed, sample_id, epoch, 0x7C0])
+            frames = decode_video(rec.path, frame_indices(rec, t, self.config.shape, rng), (h, w), rec.crop,
+                                  self.config.video_backend)
+        video = to_tensor(frames)
+        return {"video": video, "caption": build_caption(rec, self.config.caption, self.config.seed, epoch),
+                "sample_id": sample_id, "shape": (t, h, w)}
+
+
+def global_bad_sample_count(local_count: int, group: Any = None) -> int:
+    """Sum of per-rank bad-sample counts over `group` (all ranks when torch.distributed is up)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return int(local_count)
+    t = torch.tensor([int(local_count)], dtype=torch.int64)
+    torch.distributed.all_reduce(t, group=group)
+    return int(t.item())

@@ -56,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-config", type=str, default=None, help="JSON/YAML model config (may name a preset)")
     g.add_argument("--data-config", type=str, default=None, help="JSON/YAML data config")
 
+    g = parser.add_argument_group("diffusion and encoders")
+    g.add_argument("--objective", choices=("rectified_flow", "v_prediction"), default="rectified_flow")
+    g.add_argument("--vae-path", type=str, default=None, help="WF-VAE checkpoint (online encoding)")
+    g.add_argument("--vae-config", type=str, default=None, help="WF-VAE config JSON (default: the released one)")
+    g.add_argument("--vae-chunk-size", type=int, default=None, help="causal-cache tiling chunk (latent frames)")
+    g.add_argument("--t5-path", type=str, default=None, help="local T5-v1.1 directory (HF layout)")
+    g.add_argument("--clip-path", type=str, default=None, help="local CLIP text model directory (HF layout)")
+    g.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="per-device peak for MFU (H100 bf16 989, Ascend 910B fp16 ~313); 0 = not logged")
+
     g = parser.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=_positive_int, default=1)
     g.add_argument("--global-batch-size", type=_positive_int, default=None,
@@ -76,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0, help="fixed max grad norm (0 disables)")
     g.add_argument("--clip-grad-ema-decay", type=float, default=None,
                    help="adaptive EMA-3sigma clipping with this decay (v1.5 uses 0.99); replaces --clip-grad")
+    g.add_argument("--clip-grad-rank-discard", action="store_true",
+                   help="v1.3 per-rank discard: anomalous DP ranks drop their gradient (EMA of the max norm)")
+    g.add_argument("--max-consecutive-extreme-steps", type=_positive_int, default=10,
+                   help="stop with an error after this many extreme (skipped) steps in a row")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights (0 disables)")
 
     g = parser.add_argument_group("precision and memory")
@@ -90,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--save", type=str, default=None)
     g.add_argument("--load", type=str, default=None)
+    g.add_argument("--finetune", action="store_true",
+                   help="load only the weights from --load and start at iteration 0 (e.g. imported released weights)")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="load weights and counters from --load but not the optimizer / EMA / clip state")
     g.add_argument("--save-interval", type=_positive_int, default=None)
     g.add_argument("--keep-last-checkpoints", type=_positive_int, default=None)
     g.add_argument("--log-interval", type=_positive_int, default=1)
@@ -163,10 +181,16 @@ def validate_args(args: argparse.Namespace, world_size: int, num_heads: int | No
                 f"--pipeline-layer-split {args.pipeline_layer_split!r} must give {args.pipeline_model_parallel_size}"
                 " positive block counts (one per pipeline stage)"
             )
-    for flag in ("model_config", "data_config"):
+    if args.clip_grad_rank_discard and args.clip_grad_ema_decay is not None:
+        raise ArgumentError("--clip-grad-rank-discard and --clip-grad-ema-decay are alternatives; choose one")
+    for flag in ("model_config", "data_config", "vae_path", "vae_config"):
         value = getattr(args, flag)
         if isinstance(value, str) and not Path(value).is_file():
             raise ArgumentError(f"--{flag.replace('_', '-')}: file not found: {value}")
+    for flag in ("t5_path", "clip_path"):
+        value = getattr(args, flag)
+        if value is not None and not Path(value).is_dir():
+            raise ArgumentError(f"--{flag.replace('_', '-')}: directory not found: {value}")
     if args.load is not None and not Path(args.load).is_dir():
         raise ArgumentError(f"--load: checkpoint directory not found: {args.load}")
     if args.recompute_method is not None and args.recompute_granularity != "full":

@@ -99,3 +99,13 @@ class Objective(ABC):
     ) -> torch.Tensor:
         """Scalar loss: squared error averaged over valid latent positions (see `masked_mse`)."""
         return masked_mse(pred, target, valid_mask, weight)
+
+
+def sample_each(objective: Objective, x0: torch.Tensor, generators: list[torch.Generator]) -> DiffusionSample:
+    """`objective.sample` per sample, each from its own generator, stacked into one batch."""
+    if len(generators) != x0.shape[0]:
+        raise ValueError(f"need one generator per sample: {x0.shape[0]} samples, {len(generators)} generators")
+    parts = [objective.sample(x0[i:i + 1], gen) for i, gen in enumerate(generators)]
+    weight = None if parts[0].weight is None else torch.cat([p.weight for p in parts])
+    return DiffusionSample(x_t=torch.cat([p.x_t for p in parts]), timestep=torch.cat([p.timestep for p in parts]),
+                           target=torch.cat([p.target for p in parts]), weight=weight)

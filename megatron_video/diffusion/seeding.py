@@ -50,3 +50,14 @@ def noise_generator(
 ) -> torch.Generator:
     """`make_generator(noise_seed(...))`: the generator to pass to `Objective.sample`."""
     return make_generator(noise_seed(base_seed, iteration, micro_batch, dp_rank), device)
+
+
+def sample_generators(
+    base_seed: int, iteration: int, positions: list[int], device: torch.device | str = "cpu"
+) -> list[torch.Generator]:
+    """One generator per sample, keyed by the sample's position in the global batch.
+
+    The stream of a sample then does not depend on how the global batch is split into data-parallel ranks
+    and micro-batches, so a run resumed at another DP size draws exactly the same noise (the training loop's
+    rule). TP/CP/PP peers see the same positions and draw the same numbers."""
+    return [noise_generator(base_seed, iteration, position, 0, device) for position in positions]

@@ -41,6 +41,9 @@ class SUVConfig:
     head_dim: int = 128
     in_channels: int = 32
     out_channels: int = 32
+    # Extra input channels after the latent (inpainting: masked-video latents + folded mask); only the patch
+    # embedding reads them, through weights of their own that start at zero. 0 = text-to-video.
+    condition_channels: int = 0
     patch_size: int = 2
     patch_size_t: int = 1
     timestep_embed_dim: int = 1024
@@ -69,6 +72,8 @@ class SUVConfig:
             raise ValueError(f"head_dim must be a multiple of 16 (RoPE t:h:w = 4:6:6 sixteenths), got {self.head_dim}")
         if self.patch_size_t != 1:
             raise ValueError("only per-frame patches (patch_size_t = 1) are supported, as released")
+        if self.condition_channels < 0:
+            raise ValueError(f"condition_channels must be >= 0, got {self.condition_channels}")
         if self.timestep_embed_dim % 2 != 0:
             raise ValueError("timestep_embed_dim must be even ([cos | sin] halves)")
 

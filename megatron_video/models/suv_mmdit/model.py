@@ -39,6 +39,7 @@ from megatron_video.models.suv_mmdit.layers import (
     tp_world_size,
     without_sequence_parallel,
 )
+from megatron_video.models.suv_mmdit.pipeline import CarryLayout, PipelineStage, pack_carry, unpack_carry, whole_model
 from megatron_video.models.suv_mmdit.rope import apply_rope, rope_cos_sin
 from megatron_video.models.suv_mmdit.skiparse import joint_attention, pad_sequence
 
@@ -51,12 +52,22 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: SUVConfig, dtype: torch.dtype) -> None:
         super().__init__()
         p = cfg.patch_size
+        self.in_channels = cfg.in_channels
         self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, kernel_size=p, stride=p, dtype=dtype)
+        # Inpainting conditioning channels (DESIGN §10): the input conv over [latent | condition] split in two,
+        # so `proj` keeps the released shape and the new part starts at zero (= the T2V model at step 0).
+        self.cond_proj = None
+        if cfg.condition_channels:
+            self.cond_proj = nn.Conv2d(cfg.condition_channels, cfg.hidden_size, kernel_size=p, stride=p,
+                                       bias=False, dtype=dtype)
+            nn.init.zeros_(self.cond_proj.weight)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = latent.shape
-        frames = latent.transpose(1, 2).reshape(b * t, c, h, w)
-        tokens = self.proj(frames.to(self.proj.weight.dtype))  # (B*T, D, h', w')
+        frames = latent.transpose(1, 2).reshape(b * t, c, h, w).to(self.proj.weight.dtype)
+        tokens = self.proj(frames[:, :self.in_channels])  # (B*T, D, h', w')
+        if self.cond_proj is not None:
+            tokens = tokens + self.cond_proj(frames[:, self.in_channels:])
         d, hp, wp = tokens.shape[1:]
         return tokens.reshape(b, t, d, hp, wp).permute(1, 3, 4, 0, 2).reshape(t * hp * wp, b, d)
 
@@ -213,6 +224,7 @@ class SUVBlock(nn.Module):
             if module is not None:
                 mark_sequence_parallel(module, config)
         self.recompute_ffn = False  # selective recompute (set by the model from the Megatron flags)
+        self.context_parallel = None  # parallel/context_parallel.py BlockContext when CP > 1 (set by the model)
 
     def attention_half(self, x: Tensor, c: Tensor, temb: Tensor, rope_cos: Tensor, rope_sin: Tensor,
                        video_valid: Tensor, text_valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -238,7 +250,10 @@ class SUVBlock(nn.Module):
         """x (N, B, H) video and c (L, B, H) text streams (sequence shards under SP); temb (B, E) fp32; RoPE
         (N, head_dim); key validity (B, N) and (B, L); the paired encoder output if this block starts a
         decoder stage."""
-        if self.long_skip is not None:
+        if self.context_parallel is not None:  # CP: streams into this block's layout, RoPE of its tokens
+            x, c, (rope_cos, rope_sin) = self.context_parallel.block_input(
+                self.long_skip, x, c, x_skip, c_skip, (rope_cos, rope_sin))
+        elif self.long_skip is not None:
             if x_skip is None or c_skip is None:
                 raise ValueError(f"block {self.spec.index} starts a decoder stage and needs its long-skip input")
             x, c = self.long_skip(x, c, x_skip, c_skip)
@@ -287,10 +302,36 @@ def video_token_validity(attention_mask: torch.Tensor, patch: int) -> torch.Tens
 # -------------------------------------------------------------------------------------------------- model
 
 
-class SUVMMDiT(nn.Module):
-    """The denoiser: velocity = model(x_t, sigma * 1000, T5 states, CLIP pooled, masks)."""
+class BlockStack(nn.Module):
+    """The blocks of one pipeline stage, registered under their global indices (`blocks.17....`), so parameter
+    and checkpoint names do not depend on the pipeline split. Iterates in order; indexed by global index."""
 
-    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig) -> None:
+    def __init__(self, blocks: list[SUVBlock]) -> None:
+        super().__init__()
+        for block in blocks:
+            self.add_module(str(block.spec.index), block)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, index: int) -> SUVBlock:
+        return self._modules[str(index)]
+
+
+class SUVMMDiT(nn.Module):
+    """The denoiser: velocity = model(x_t, sigma * 1000, T5 states, CLIP pooled, masks).
+
+    Under pipeline parallelism (`stage`, see pipeline.py) an instance holds one stage: the first stage owns the
+    embeddings, the last the final layer; a stage that is not last returns the packed carry tensor for the
+    next stage, and a stage that is not first reads its input from `set_input_tensor` (megatron's schedules
+    call it right before each forward)."""
+
+    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig, stage: PipelineStage | None = None) -> None:
+        from megatron.core.enums import ModelType
+
         super().__init__()
         tp = tp_world_size()
         if config.tensor_model_parallel_size != tp:
@@ -299,13 +340,33 @@ class SUVMMDiT(nn.Module):
         if cfg.num_heads % tp != 0:
             raise ValueError(f"num_heads {cfg.num_heads} is not divisible by TP size {tp}")
         self.cfg, self.config = cfg, config  # `config` is what megatron-core's get_model_config reads
+        self.stage = stage if stage is not None else whole_model(cfg)
+        # what megatron-core's schedules and finalize_model_grads read from a model chunk
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process, self.post_process = self.stage.first, self.stage.last
+        self.share_embeddings_and_output_weights = False  # nothing is tied across pipeline stages
+        self.input_tensor: Tensor | None = None
         dtype = config.params_dtype
-        self.patch_embed = PatchEmbed(cfg, dtype)
-        self.time_text_embed = TimeTextEmbed(cfg, dtype)
-        self.caption_projection = nn.Linear(cfg.caption_channels, cfg.hidden_size, dtype=dtype)
-        self.blocks = nn.ModuleList(SUVBlock(cfg, config, spec) for spec in cfg.block_specs())
-        self.final = FinalLayer(cfg, config)
+        if self.pre_process:
+            self.patch_embed = PatchEmbed(cfg, dtype)
+            self.time_text_embed = TimeTextEmbed(cfg, dtype)
+            self.caption_projection = nn.Linear(cfg.caption_channels, cfg.hidden_size, dtype=dtype)
+        specs = cfg.block_specs()
+        self.blocks = BlockStack([SUVBlock(cfg, config, specs[i]) for i in self.stage.blocks])
+        if self.post_process:
+            self.final = FinalLayer(cfg, config)
         self.recompute_blocks = self._configure_recompute(config)
+        from megatron_video.parallel.context_parallel import attach_context_parallel  # (import cycle)
+
+        self.context_parallel = attach_context_parallel(cfg, config, self.blocks)  # None unless CP > 1
+
+    def set_input_tensor(self, input_tensor: Tensor | list[Tensor | None] | None) -> None:
+        """megatron-core's schedules hand over the received carry (None on the first stage) before forward."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError(f"the SUV model takes one pipeline input tensor, got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
 
     def _configure_recompute(self, config: ModelParallelConfig) -> set[int]:
         """Megatron flags: full (per block: uniform with 1 layer, or block with the first n layers) or
@@ -318,17 +379,19 @@ class SUVMMDiT(nn.Module):
                 block.recompute_ffn = True
             return set()
         method, n = getattr(config, "recompute_method", None), getattr(config, "recompute_num_layers", None)
+        indices = [block.spec.index for block in self.blocks]  # this stage's blocks
         if method == "uniform" and n == 1:
-            return set(range(len(self.blocks)))
-        if method == "block" and n is not None:
-            return set(range(min(n, len(self.blocks))))
+            return set(indices)
+        if method == "block" and n is not None:  # the first n blocks of each pipeline stage, as Megatron
+            return set(indices[:n])
         raise ValueError(f"full recompute supports method 'uniform' with 1 layer or 'block'; got {method!r}, {n}")
 
     def check_inputs(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
                      pooled_projections: Tensor, attention_mask: Tensor, encoder_attention_mask: Tensor) -> None:
         cfg = self.cfg
-        if hidden_states.dim() != 5 or hidden_states.shape[1] != cfg.in_channels:
-            raise ValueError(f"hidden_states must be (B, {cfg.in_channels}, T, H, W), got {tuple(hidden_states.shape)}")
+        channels = cfg.in_channels + cfg.condition_channels
+        if hidden_states.dim() != 5 or hidden_states.shape[1] != channels:
+            raise ValueError(f"hidden_states must be (B, {channels}, T, H, W), got {tuple(hidden_states.shape)}")
         b, _, t, h, w = hidden_states.shape
         if h % cfg.patch_size or w % cfg.patch_size:
             raise ValueError(f"latent H, W ({h}, {w}) must be multiples of the patch size {cfg.patch_size}")
@@ -360,18 +423,32 @@ class SUVMMDiT(nn.Module):
                        text_valid: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor, Tensor]:
         """Sequence parallelism: pad both streams to a multiple of the TP size with invalid tokens (masked as
         keys, outputs dropped, so they change nothing) and keep this rank's shard of each."""
-        tp = tp_world_size()
-        n, text_len = x.shape[0] + (-x.shape[0]) % tp, c.shape[0] + (-c.shape[0]) % tp
-        x, c = pad_sequence(x, n), pad_sequence(c, text_len)
-        rope = tuple(pad_sequence(r, n) for r in rope)
-        video_valid = pad_sequence(video_valid.t(), n, False).t()
-        text_valid = pad_sequence(text_valid.t(), text_len, False).t()
+        rope, video_valid, text_valid = self.pad_for_sequence_parallel(rope, video_valid, text_valid)
+        x, c = pad_sequence(x, video_valid.shape[1]), pad_sequence(c, text_valid.shape[1])
         x, c = scatter_to_sequence_parallel_region(x), scatter_to_sequence_parallel_region(c)
         return x, c, rope, video_valid, text_valid
 
+    def pad_for_sequence_parallel(self, rope: tuple[Tensor, ...], video_valid: Tensor, text_valid: Tensor,
+                                  ) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
+        """RoPE and key validity padded to the multiple of TP that `split_sequence` pads the streams to."""
+        tp = tp_world_size()
+        n, text_len = video_valid.shape[1], text_valid.shape[1]
+        n, text_len = n + (-n) % tp, text_len + (-text_len) % tp
+        rope = tuple(pad_sequence(r, n) for r in rope)
+        video_valid = pad_sequence(video_valid.t(), n, False).t()
+        text_valid = pad_sequence(text_valid.t(), text_len, False).t()
+        return rope, video_valid, text_valid
+
     def run_blocks(self, x: Tensor, c: Tensor, temb: Tensor, rope: tuple[Tensor, ...], video_valid: Tensor,
                    text_valid: Tensor) -> Tensor:
-        skips: list[tuple[torch.Tensor, torch.Tensor]] = []  # LIFO: decoder stage s pops encoder stage S-1-s
+        return self.run_stage_blocks(x, c, temb, rope, video_valid, text_valid, [])[0]
+
+    def run_stage_blocks(self, x: Tensor, c: Tensor, temb: Tensor, rope: tuple[Tensor, ...], video_valid: Tensor,
+                         text_valid: Tensor, skips: list[tuple[Tensor, Tensor]],
+                         ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
+        """This stage's blocks. `skips` is the long-skip stack on entry (LIFO: decoder stage s pops encoder
+        stage S-1-s), empty on the first stage; returns the streams and the stack left for later stages."""
+        skips = list(skips)
         for block in self.blocks:
             x_skip, c_skip = skips.pop() if block.spec.skip_in is not None else (None, None)
             args = (x, c, temb, *rope, video_valid, text_valid, x_skip, c_skip)
@@ -381,7 +458,30 @@ class SUVMMDiT(nn.Module):
                 x, c = block(*args)
             if block.spec.skip_out:
                 skips.append((x, c))
-        return x
+        return x, c, skips
+
+    def carry_layout(self, batch: int, latent_thw: tuple[int, int, int], text_len: int, num_skips: int,
+                     ) -> CarryLayout:
+        """Layout of the tensor crossing a pipeline boundary of this model for one micro-batch."""
+        config = self.config
+        wire = config.pipeline_dtype if config.pipeline_dtype is not None else config.params_dtype
+        video_rows = None
+        if self.context_parallel is not None:  # this rank's share of the CP-padded video tokens
+            geometry, (t, h, w) = self.context_parallel.geometry, latent_thw
+            n = t * (h // self.cfg.patch_size) * (w // self.cfg.patch_size)
+            video_rows = geometry.padded_tokens(n) // (geometry.cp * geometry.slots)
+        return CarryLayout.for_batch(self.cfg, num_skips, batch, latent_thw, text_len, tp_world_size(),
+                                     sequence_parallel_on(config), wire, config.params_dtype, self.stage.carry_slots,
+                                     video_rows)
+
+    def pipeline_shapes(self, batch: int, latent_thw: tuple[int, int, int], text_len: int,
+                        ) -> tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]:
+        """(receive shape, send shape) of this stage for micro-batches of this bucket (None: no p2p)."""
+        recv = None if self.pre_process else self.carry_layout(batch, latent_thw, text_len,
+                                                               len(self.stage.carried_in)).shape
+        send = None if self.post_process else self.carry_layout(batch, latent_thw, text_len,
+                                                                len(self.stage.carried_out)).shape
+        return recv, send
 
     def forward(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
@@ -395,14 +495,34 @@ class SUVMMDiT(nn.Module):
         video_valid = video_token_validity(attention_mask, cfg.patch_size)
         text_valid = encoder_attention_mask.reshape(b, -1) > 0
         rope = rope_cos_sin(grid, cfg.head_dim, cfg.rope_base, hidden_states.device)
-        x, c, temb = self.embed(hidden_states, timestep, encoder_hidden_states, pooled_projections)
-        n = x.shape[0]
+        n = grid[0] * grid[1] * grid[2]
+        text_len = encoder_hidden_states.shape[-2]
         sequence_parallel = sequence_parallel_on(self.config)
-        if sequence_parallel:
-            x, c, rope, video_valid, text_valid = self.split_sequence(x, c, rope, video_valid, text_valid)
-        x = self.run_blocks(x, c, temb, rope, video_valid, text_valid)
+        if self.pre_process:
+            x, c, temb = self.embed(hidden_states, timestep, encoder_hidden_states, pooled_projections)
+            skips: list[tuple[Tensor, Tensor]] = []
+            if self.context_parallel is not None:  # keep this CP rank's video tokens (text stays whole)
+                x, c, rope, video_valid, text_valid = self.context_parallel.split_inputs(
+                    x, c, rope, video_valid, text_valid)
+            elif sequence_parallel:
+                x, c, rope, video_valid, text_valid = self.split_sequence(x, c, rope, video_valid, text_valid)
+        else:  # streams, pending long skips and temb arrive from the previous stage
+            if self.input_tensor is None:
+                raise RuntimeError("pipeline stage > 0 was called without set_input_tensor (use megatron's schedule)")
+            layout = self.carry_layout(b, (t, h, w), text_len, len(self.stage.carried_in))
+            x, c, skips, temb = unpack_carry(layout, self.input_tensor)
+            if self.context_parallel is not None:
+                rope, video_valid, text_valid = self.context_parallel.pad_inputs(rope, video_valid, text_valid)
+            elif sequence_parallel:
+                rope, video_valid, text_valid = self.pad_for_sequence_parallel(rope, video_valid, text_valid)
+        x, c, skips = self.run_stage_blocks(x, c, temb, rope, video_valid, text_valid, skips)
+        if not self.post_process:
+            layout = self.carry_layout(b, (t, h, w), text_len, len(self.stage.carried_out))
+            return pack_carry(layout, x, c, skips, temb)
         out = self.final(x, temb)
-        if sequence_parallel:
+        if self.context_parallel is not None:  # the whole output on every CP rank
+            out = self.context_parallel.gather_output(out, n)
+        elif sequence_parallel:
             out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)[:n]
         return unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
 

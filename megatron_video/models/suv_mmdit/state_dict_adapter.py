@@ -24,6 +24,7 @@ SplitRule = Literal["column", "row", "replicated", "extra_state"]
 
 _TOP_LEVEL = (  # (ours, released) module prefixes outside the blocks
     ("patch_embed.proj", "patch_embed.proj"),
+    ("patch_embed.cond_proj", "patch_embed.cond_proj"),  # inpainting models only (not in the released T2V)
     ("time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_1"),
     ("time_text_embed.timestep_embedder.linear_2", "time_text_embed.timestep_embedder.linear_2"),
     ("time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_1"),

@@ -1,0 +1,104 @@
+"""One training step through the whole stack vs a plain PyTorch loop, same model, batch and process.
+
+    python bench/bench_train_step.py [--steps 10] [--shape 4 16 16] [--threads 2]
+
+The stack step: megatron DDP + distributed optimizer + the clipping wrapper (constant 1.0) + EMA, megatron-core's
+forward-backward schedule and the rectified-flow objective (TP = PP = CP = DP = 1). The plain step: the same
+SUVMMDiT (same initial weights), torch AdamW, clip_grad_norm_, the same objective and noise. Prints the median
+step time of each and their ratio (goal: stack <= 1.15x plain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--shape", type=int, nargs=3, default=(4, 16, 16), help="latent T H W")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    opts = parser.parse_args()
+    torch.set_num_threads(opts.threads)
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_video.arguments import build_parser, validate_args
+    from megatron_video.diffusion import build_objective
+    from megatron_video.models.suv_mmdit.config import suv_config
+    from megatron_video.parallel import init_distributed, initialize_parallel, set_seed
+    from megatron_video.training.components import build_components, build_denoiser
+    from megatron_video.training.loop import make_forward_step, t2v_inputs
+
+    init_distributed("cpu")
+    initialize_parallel()
+    set_seed(0)
+    # constant clip at 1.0 on both sides, so neither skips a step
+    args = build_parser().parse_args(["--use-distributed-optimizer", "--clip-grad", "1.0",
+                                      "--lr", "1e-4", "--micro-batch-size", str(opts.batch)])
+    validate_args(args, world_size=1)
+    cfg = suv_config("small")
+    parts = build_components(args, cfg, train_iters=opts.steps + opts.warmup)
+    plain_model, _ = build_denoiser(args, cfg)
+    plain_model.load_state_dict(parts.module.state_dict())
+    plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-15,
+                                  weight_decay=1e-4)
+    objective = build_objective("rectified_flow")
+    t, h, w = opts.shape
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        "x0": torch.randn(opts.batch, cfg.in_channels, t, h, w, generator=gen),
+        "t5_hidden": torch.randn(opts.batch, 16, cfg.caption_channels, generator=gen),
+        "t5_mask": torch.ones(opts.batch, 16, dtype=torch.bool),
+        "clip_pooled": torch.randn(opts.batch, cfg.pooled_projection_dim, generator=gen),
+        "positions": list(range(opts.batch)),
+    }
+    forward_backward = get_forward_backward_func()
+
+    def stack_step(iteration: int) -> None:
+        parts.model.zero_grad_buffer()
+        parts.optimizer.zero_grad()
+        forward_step = make_forward_step(objective, t2v_inputs, 0, iteration)
+        forward_backward(forward_step_func=forward_step, data_iterator=iter([batch]), model=[parts.model],
+                         num_microbatches=1, seq_length=1, micro_batch_size=opts.batch, forward_only=False)
+        record = parts.optimizer.step()
+        if record.stepped and parts.ema is not None:
+            parts.ema.update()
+
+    def plain_step(iteration: int) -> None:
+        from megatron_video.diffusion.base import sample_each
+        from megatron_video.diffusion.seeding import sample_generators
+
+        plain_opt.zero_grad(set_to_none=True)
+        sample = sample_each(objective, batch["x0"], sample_generators(0, iteration, batch["positions"]))
+        inputs = t2v_inputs(batch, sample)
+        valid = inputs.pop("loss_mask")
+        loss = objective.loss(plain_model(**inputs), sample.target, valid, sample.weight)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain_model.parameters(), 1.0)
+        plain_opt.step()
+
+    timings: dict[str, list[float]] = {"stack": [], "plain": []}
+    for i in range(opts.warmup + opts.steps):
+        for name, step in (("stack", stack_step), ("plain", plain_step)):  # interleaved: same machine load
+            start = time.perf_counter()
+            step(i)
+            if i >= opts.warmup:
+                timings[name].append(time.perf_counter() - start)
+    stack, plain = statistics.median(timings["stack"]), statistics.median(timings["plain"])
+    params = sum(p.numel() for p in plain_model.parameters())
+    print(f"small preset ({params / 1e6:.2f} M params), batch {opts.batch}, latent {t}x{h}x{w}, "
+          f"{opts.threads} threads, {opts.steps} steps after {opts.warmup} warm-up")
+    print(f"stack step  (megatron DDP + dist. optimizer + clip + EMA)        : {stack * 1e3:8.1f} ms median")
+    print(f"plain step  (torch AdamW + clip_grad_norm_):                         {plain * 1e3:8.1f} ms median")
+    print(f"ratio stack / plain: {stack / plain:.3f}  (goal <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()

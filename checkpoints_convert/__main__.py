@@ -1,0 +1,7 @@
+"""`python -m checkpoints_convert {import,export,reshard} ...`"""
+
+import sys
+
+from checkpoints_convert.cli import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# megatron-video quickstart on a CPU machine: sample data -> feature cache -> train the small SUV preset with
+# TP=2 x DP=2 on 4 CPU ranks -> resume from the checkpoint -> export to the released format and load it back.
+#
+#   bash examples/quickstart/run.sh            # OUT=outputs/quickstart ITERS=16 NPROC=4 are the defaults
+#
+# The encoders are deterministic stand-ins (no weights can be downloaded here); on a cluster build the cache
+# with the real WF-VAE / T5 / CLIP (tools/cache_features.py --encoders osp ...).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+OUT="${OUT:-outputs/quickstart}"
+ITERS="${ITERS:-16}"
+NPROC="${NPROC:-4}"
+TP="${TP:-2}"
+PYTHON="${PYTHON:-python}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+HALF=$((ITERS / 2))
+
+echo "== 1/6 sample data set (moving shapes) -> $OUT/data"
+"$PYTHON" tools/make_sample_dataset.py --out "$OUT/data"
+
+cat > "$OUT/data.yaml" <<YAML
+metadata_paths: ["$OUT/data/data.txt"]
+shape: {resolution_mode: forced, height: 32, width: 32, num_frames: 9, min_num_frames: 9, fps: 8}
+num_workers: 0
+YAML
+
+echo "== 2/6 feature cache (VAE latents + text embeddings) -> $OUT/cache"
+"$PYTHON" tools/cache_features.py --data-config "$OUT/data.yaml" --out "$OUT/cache" --encoders stub
+echo "cache_path: $OUT/cache" >> "$OUT/data.yaml"
+
+TRAIN=(-m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29517}" pretrain_t2v.py
+       --device cpu --tensor-model-parallel-size "$TP" --use-distributed-optimizer
+       --model-config examples/quickstart/model.yaml --data-config "$OUT/data.yaml"
+       --global-batch-size 4 --micro-batch-size 1 --lr 1e-3 --clip-grad 1.0
+       --save "$OUT/checkpoints" --save-interval "$HALF" --tensorboard-dir "$OUT/tensorboard")
+
+echo "== 3/6 train $HALF iterations (TP=$TP x DP=$((NPROC / TP)) on $NPROC CPU ranks)"
+OMP_NUM_THREADS=1 "$PYTHON" "${TRAIN[@]}" --train-iters "$HALF" 2>&1 | grep -E "^(iteration|saved|loaded)"
+
+echo "== 4/6 resume from $OUT/checkpoints and continue to iteration $ITERS"
+OMP_NUM_THREADS=1 "$PYTHON" "${TRAIN[@]}" --train-iters "$ITERS" --load "$OUT/checkpoints" 2>&1 \
+    | grep -E "^(iteration|saved|loaded)"
+
+echo "== 5/6 export the EMA weights to the released Open-Sora Plan format -> $OUT/released"
+"$PYTHON" -m checkpoints_convert export --load "$OUT/checkpoints" --model-config examples/quickstart/model.yaml \
+    --weights ema --out "$OUT/released"
+
+echo "== 6/6 load the exported file back into the model and check it"
+"$PYTHON" -m checkpoints_convert verify --released "$OUT/released" --model-config examples/quickstart/model.yaml
+
+echo
+echo "checkpoints: $OUT/checkpoints"
+echo "released-format export: $OUT/released"
+echo "TensorBoard: tensorboard --logdir $OUT/tensorboard"

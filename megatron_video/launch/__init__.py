@@ -1,0 +1,1 @@
+"""Scheduler jobs (Slurm batch scripts, Kubernetes manifests) from one job description."""

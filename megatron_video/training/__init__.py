@@ -1,0 +1,1 @@
+"""The training loop, forward step, checkpoints and logging."""

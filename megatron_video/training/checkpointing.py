@@ -1,0 +1,211 @@
+"""Checkpoints with megatron-core dist_checkpointing: model, optimizer, EMA, clipping, sampler, RNG, counters.
+
+Layout under `--save`:
+    iter_0000100/                  one dist_checkpointing directory per saved iteration
+    latest_checkpointed_iteration.txt
+
+A checkpoint is written into `iter_0000100.tmp/`, and only when every rank has finished is it renamed to
+`iter_0000100/` and the pointer file replaced (both atomic renames on one file system). A save killed half-way
+leaves at most a `.tmp` directory, which the next save removes; the pointer still names the previous complete
+checkpoint. Tensors are stored as ShardedTensors in model space, so a checkpoint saved at one TP/DP (CP)
+layout loads at another. Nothing is unpickled from a checkpoint except the common (rank-0) state dict that
+dist_checkpointing writes itself, which holds only plain Python values and tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TRACKER = "latest_checkpointed_iteration.txt"
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not match the model."""
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | Path) -> int | None:
+    """The iteration the pointer file names, or None if there is no complete checkpoint."""
+    tracker = Path(root) / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker} holds {text!r}, not an iteration number")
+    iteration = int(text)
+    if not iteration_dir(root, iteration).is_dir():
+        raise CheckpointError(f"{tracker} names iteration {iteration} but {iteration_dir(root, iteration)} is missing")
+    return iteration
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def model_sharded_state_dict(model: torch.nn.Module, prefix: str = "model.") -> dict[str, Any]:
+    """ShardedTensors for every entry of `model.state_dict()`, keyed by parameter name (checkpoint key:
+    `prefix + name`).
+
+    Tensor-parallel parameters (megatron sets `tensor_model_parallel` and `partition_dim` on them) are sharded
+    along their partition dim over TP; the rest are replicas on TP peers. Every DP (and CP) rank holds a replica.
+    The ShardedTensors hold the parameters themselves, which the distributed optimizer needs to find them.
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    tp_rank, tp_size = mpu.get_tensor_model_parallel_rank(), mpu.get_tensor_model_parallel_world_size()
+    dp_rank = mpu.get_data_parallel_rank(with_context_parallel=True)
+    sharded: dict[str, Any] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor is None or not isinstance(tensor, torch.Tensor):
+            continue
+        key = prefix + name
+        if getattr(tensor, "tensor_model_parallel", False) and tp_size > 1:
+            axis = tensor.partition_dim
+            sharded[name] = ShardedTensor.from_rank_offsets(
+                key, tensor, (axis, tp_rank, tp_size), replica_id=(0, 0, dp_rank)
+            )
+        else:
+            sharded[name] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=(0, tp_rank, dp_rank))
+    return sharded
+
+
+def rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(state: dict[str, Any]) -> Any:
+    """Per-rank RNG state, one object per global rank (restored only when the layout is unchanged)."""
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return ShardedObject(f"rng_state.world{world}", state, (world,), (rank,), replica_id=0)
+
+
+def save_checkpoint(
+    root: str | Path,
+    iteration: int,
+    sharded_state: dict[str, Any],
+    common_state: dict[str, Any],
+    keep_last: int | None = None,
+) -> Path:
+    """Save one iteration atomically. `sharded_state` maps top-level names (model, optimizer, ema, ...) to
+    sharded state dicts; `common_state` holds plain values saved once (iteration, counters, sampler, ...)."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if _is_rank0():
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a save that was killed
+        tmp.mkdir()
+    _barrier()
+    state = dict(sharded_state)
+    state["rng_state"] = _rng_sharded_object(rng_state())
+    state["common"] = common_state
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _is_rank0():
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same iteration (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(root / TRACKER, f"{iteration}\n")
+        if keep_last is not None:
+            prune_checkpoints(root, keep_last)
+    _barrier()
+    return final
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+    """Delete complete checkpoints older than the newest `keep_last` (never the one the pointer names)."""
+    pointed = latest_iteration(root)
+    found = sorted(
+        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _ITER_DIR.match(p.name))
+    )
+    removed = []
+    for iteration, path in found[:-keep_last] if keep_last > 0 else []:
+        if iteration != pointed:
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def load_checkpoint(
+    root: str | Path,
+    build_sharded_state: Callable[[], dict[str, Any]],
+    iteration: int | None = None,
+    strict: bool = True,
+) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """Load `iteration` (default: the latest) into the tensors of `build_sharded_state()`.
+
+    Returns (iteration, loaded sharded state, common state). The caller applies the loaded values (megatron
+    loads into new tensors for the optimizer and EMA; model ShardedTensors are loaded in place)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {root}")
+    iteration = latest_iteration(root) if iteration is None else iteration
+    if iteration is None:
+        raise CheckpointError(f"no complete checkpoint under {root} ({TRACKER} is missing)")
+    directory = iteration_dir(root, iteration)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} not found")
+    state = build_sharded_state()
+    common = dist_checkpointing.load_common_state_dict(str(directory))
+    saved_world = common.get("common", {}).get("world_size")
+    if saved_world == dist.get_world_size():
+        state["rng_state"] = _rng_sharded_object(rng_state())
+    handling = StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED
+    loaded = dist_checkpointing.load(state, str(directory), strict=handling)
+    if "rng_state" in loaded:
+        set_rng_state(loaded.pop("rng_state"))
+    return iteration, loaded, loaded.pop("common", common.get("common", {}))

@@ -1,0 +1,313 @@
+"""The training loop shared by pretrain_t2v.py and pretrain_i2v.py.
+
+One iteration: pull `num_microbatches` micro-batches of this data-parallel rank (one shape per global batch),
+encode them (or read the feature cache), run megatron-core's forward-backward schedule, let the clipping
+optimizer decide (clip / step / skip an extreme step), update the EMA, the LR, the counters, log, and save
+when due or when the job is being preempted (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_video.optim.extreme_log import ExtremeStepLog, gather_sample_ids
+from megatron_video.training.checkpointing import load_checkpoint, model_sharded_state_dict, save_checkpoint
+
+EXTREME_LOG = "extreme_batches.jsonl"
+# Canonical per-parameter optimizer state: loads at any TP / PP / DP (megatron 0.16 dropped flattened ranges).
+OPTIM_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    extreme: ExtremeStepLog = field(default_factory=ExtremeStepLog)
+    sampler_position: tuple[int, int] | None = None  # (epoch, consumed) after the last micro-batch trained on
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                "extreme": self.extreme.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration, self.consumed_samples = int(state["iteration"]), int(state["consumed_samples"])
+        if "extreme" in state:
+            self.extreme.load_state_dict(state["extreme"])
+
+
+class Preemption:
+    """SIGTERM (a scheduler preempting the job) asks the loop to save and exit cleanly at the next step end."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank as soon as any rank got the signal."""
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def _forever(loader: Any) -> Iterator[dict[str, Any]]:
+    while True:
+        yield from loader
+
+
+def _mean_over(value: float, group: Any, device: torch.device) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, group=group)
+    return tensor.item() / dist.get_world_size(group)
+
+
+def make_forward_step(
+    objective: Any, prepare_inputs: Callable[[dict[str, Any], Any], dict[str, torch.Tensor]], base_seed: int,
+    iteration: int,
+) -> Callable:
+    """The schedule's forward step. Each sample's noise and sigma come from a generator keyed by (seed,
+    iteration, its position in the global batch): identical on TP/CP/PP peers, independent of the DP size and
+    micro-batch split, reproducible on resume."""
+    from megatron_video.diffusion.base import sample_each
+    from megatron_video.diffusion.seeding import sample_generators
+
+    def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
+        batch = next(data_iterator)
+        x0 = batch["x0"]
+        sample = sample_each(objective, x0, sample_generators(base_seed, iteration, batch["positions"], x0.device))
+        inputs = prepare_inputs(batch, sample)
+        valid = inputs.pop("loss_mask")
+        output = model(**inputs)
+
+        def loss_func(prediction: torch.Tensor):
+            loss = objective.loss(prediction, sample.target, valid, sample.weight)
+            return loss, {"loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    return forward_step
+
+
+def global_positions(micro_index: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> list[int]:
+    """Positions in the global batch of the samples of this rank's `micro_index`-th micro-batch (the sampler
+    hands out micro-batch m of DP rank r at offset (m * dp_size + r) * micro_batch_size)."""
+    start = (micro_index * dp_size + dp_rank) * micro_batch_size
+    return list(range(start, start + micro_batch_size))
+
+
+def t2v_inputs(batch: dict[str, torch.Tensor], sample: Any) -> dict[str, torch.Tensor]:
+    """Denoiser keyword arguments for text-to-video, plus the loss mask (valid latent positions)."""
+    x_t = sample.x_t
+    b, _, t, h, w = x_t.shape
+    valid = torch.ones(b, t, h, w, dtype=torch.bool, device=x_t.device)  # one shape per batch: all valid
+    return {
+        "hidden_states": x_t, "timestep": sample.timestep, "encoder_hidden_states": batch["t5_hidden"][:, None],
+        "pooled_projections": batch["clip_pooled"][:, None], "attention_mask": valid,
+        "encoder_attention_mask": batch["t5_mask"][:, None], "loss_mask": valid,
+    }
+
+
+def _record_extreme(save_dir: str | None, state: TrainState, sample_ids: list[int], record: Any,
+                    dp_group: Any) -> None:
+    ids = gather_sample_ids(sample_ids, dp_group)
+    state.extreme.record(state.iteration, ids, record.grad_norm_before)
+    if save_dir and dist.get_rank() == 0:
+        # written at once, so a run resumed from an older checkpoint skips this batch too
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(save_dir) / EXTREME_LOG, "a") as handle:
+            handle.write(json.dumps(state.extreme.entries[-1]) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _extreme_ids_on_disk(root: str | None) -> list[int]:
+    path = Path(root) / EXTREME_LOG if root else None
+    if path is None or not path.is_file():
+        return []
+    return [i for line in path.read_text().splitlines() if line.strip() for i in json.loads(line)["sample_ids"]]
+
+
+def resume(args: argparse.Namespace, parts: Any, data: Any, state: TrainState, log: Any) -> None:
+    """Load `--load`: everything for an exact resume, or only the weights with --finetune / --no-load-optim."""
+    from megatron_video.training.components import load_optimizer_state, materialize_optimizer_state
+
+    weights_only = args.finetune or args.no_load_optim
+    materialize_optimizer_state(parts.optimizer)
+
+    def build() -> dict[str, Any]:
+        return checkpoint_sharded_state(parts, loading=True, weights_only=weights_only)
+
+    iteration, loaded, common = load_checkpoint(args.load, build)
+    parts.module.load_state_dict(loaded["model"], strict=True)
+    if not weights_only:
+        load_optimizer_state(parts.optimizer, loaded["optimizer"])
+        if parts.ema is not None:
+            parts.ema.load_full_state_dict(loaded["ema"])
+            parts.ema.num_updates = int(common["ema_updates"])
+        parts.optimizer.load_clip_state_dict(common["clip"])
+        parts.scheduler.load_state_dict(common["scheduler"])
+        if parts.rank_discard is not None and common.get("rank_discard"):
+            parts.rank_discard.load_state_dict(common["rank_discard"])
+    elif parts.ema is not None:
+        parts.ema.load_full_state_dict({name: param.detach().float() for name, param in
+                                        parts.module.named_parameters()})
+    # the main params of the distributed optimizer start from the loaded weights
+    if weights_only:
+        parts.optimizer.reload_model_params()
+    if not args.finetune:
+        state.load_state_dict(common["train"])
+        data.sampler.load_state_dict(common["sampler"])
+    log.info("loaded %s iteration %d (%s); continuing at iteration %d", args.load, iteration,
+             "weights only" if weights_only else "full state", state.iteration)
+
+
+def checkpoint_sharded_state(parts: Any, loading: bool, weights_only: bool = False) -> dict[str, Any]:
+    model_sd = model_sharded_state_dict(parts.module)
+    out: dict[str, Any] = {"model": model_sd}
+    if weights_only:
+        return out
+    out["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIM_FORMAT)
+    if parts.ema is not None:
+        out["ema"] = parts.ema.sharded_state_dict(model_sd)
+    return out
+
+
+def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_inputs,
+             extra_args: Callable | None = None, setup: Callable | None = None) -> int:
+    """`setup(args, components, encoder)`, if given, runs once before resuming (e.g. to initialise weights) and
+    may return `condition(micro_batch, iteration, consumed_samples)`, applied to every encoded micro-batch
+    once its "positions" are set (pretrain_i2v.py adds the inpainting masks and conditioning this way)."""
+    from megatron.core import parallel_state as mpu
+
+    from megatron_video.arguments import parse_args
+    from megatron_video.diffusion import build_objective
+    from megatron_video.parallel import init_distributed, initialize_parallel, set_seed
+    from megatron_video.parallel.initialize import local_device
+    from megatron_video.parallel.pipeline import (
+        batch_pipeline_shapes,
+        from_last_stage,
+        run_forward_backward,
+        sum_over_pipeline,
+    )
+    from megatron_video.training.components import build_components
+    from megatron_video.training.data import BatchEncoder, build_data
+    from megatron_video.training.flops import training_flops_per_sample, video_tokens
+    from megatron_video.training.logger import TrainLogger
+
+    args = parse_args(argv, extra_args=extra_args)
+    if args.model_config is None or args.data_config is None or args.train_iters is None:
+        raise SystemExit("training needs --model-config, --data-config and --train-iters")
+    backend = init_distributed(args.device, args.distributed_timeout_minutes, args.distributed_backend)
+    initialize_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                        context_parallel_size=args.context_parallel_size)
+    if args.context_parallel_size > 1:
+        raise SystemExit("context parallel training is not wired into the loop yet (see the context-parallel issue)")
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        raise SystemExit("virtual pipeline stages (interleaved 1F1B) are not supported for the SUV model yet")
+    set_seed(args.seed)
+    device = local_device()
+    dp_group = mpu.get_data_parallel_group()
+    dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+    num_micro = args.global_batch_size // (args.micro_batch_size * dp_size)
+
+    parts = build_components(args, args.model_config, args.train_iters)
+    data = build_data(args, args.data_config, dp_rank, dp_size)
+    encode = BatchEncoder(args, device)
+    objective = build_objective(args.objective)
+    state = TrainState()
+    log = TrainLogger(args.train_iters, args.tensorboard_dir, args.log_interval)
+    preemption = Preemption()
+
+    def save(iteration: int) -> None:
+        common = {
+            "train": state.state_dict(), "world_size": dist.get_world_size(),
+            "clip": parts.optimizer.clip_state_dict(), "scheduler": parts.scheduler.state_dict(),
+            "sampler": data.sampler.state_dict(position=state.sampler_position),
+            "rank_discard": parts.rank_discard.state_dict() if parts.rank_discard is not None else None,
+            "ema_updates": parts.ema.num_updates if parts.ema is not None else 0,
+        }
+        started = time.monotonic()
+        path = save_checkpoint(args.save, iteration, checkpoint_sharded_state(parts, loading=False), common,
+                               args.keep_last_checkpoints)
+        log.info("saved checkpoint %s in %.1f s", path, time.monotonic() - started)
+
+    condition = setup(args, parts, encode) if setup is not None else None
+    if args.load:
+        resume(args, parts, data, state, log)
+    # extreme batches recorded by any earlier run of this job, even after the checkpoint it resumes from
+    on_disk = set(_extreme_ids_on_disk(args.load)) | set(_extreme_ids_on_disk(args.save))
+    data.sampler.add_skip_ids(state.extreme.sample_ids() | on_disk)
+
+    batches = _forever(data.loader)
+    num_params = sum_over_pipeline(sum(p.numel() for p in parts.module.parameters()), device)
+    blocks_k = [spec.k for spec in args.model_config.block_specs()]
+    exit_code = 0
+    while state.iteration < args.train_iters:
+        started = time.monotonic()
+        micro_batches = [encode(next(batches)) for _ in range(num_micro)]
+        for index, micro_batch in enumerate(micro_batches):
+            micro_batch["positions"] = global_positions(index, args.micro_batch_size, dp_rank, dp_size)
+            if condition is not None:
+                condition(micro_batch, state.iteration, state.consumed_samples)
+        sample_ids = [int(i) for mb in micro_batches for i in mb["sample_id"]]
+        state.sampler_position = micro_batches[-1]["sampler_position"]
+        forward_step = make_forward_step(objective, prepare_inputs, args.seed, state.iteration)
+        parts.model.zero_grad_buffer()
+        parts.optimizer.zero_grad()
+        x0 = micro_batches[0]["x0"]
+        recv_shape, send_shape = batch_pipeline_shapes(parts.module, micro_batches)
+        losses = run_forward_backward(forward_step, iter(micro_batches), parts.model, num_micro,
+                                      args.micro_batch_size, recv_shape, send_shape)
+        record = parts.optimizer.step()
+        state.iteration += 1
+        state.consumed_samples += args.global_batch_size
+        if record.extreme:
+            _record_extreme(args.save, state, sample_ids, record, dp_group)
+        if record.stepped:
+            if parts.ema is not None:
+                parts.ema.update()
+            parts.scheduler.step(increment=1)
+        loss = _mean_over(sum(d["loss"].item() for d in losses) / max(len(losses), 1), dp_group, device)
+        loss = from_last_stage(loss, device)  # only the last pipeline stage computes the loss
+        elapsed = time.monotonic() - started
+        tokens = video_tokens(x0.shape[2:], args.model_config.patch_size)
+        flops = training_flops_per_sample(num_params * args.tensor_model_parallel_size,
+                                          args.model_config.hidden_size, blocks_k, tokens,
+                                          micro_batches[0]["t5_hidden"].shape[1])
+        world = dist.get_world_size()
+        scalars = {
+            "loss": loss, "grad_norm": record.grad_norm_before, "grad_norm_clipped": record.grad_norm_after,
+            "clip_threshold": record.threshold, "clip_mu": record.mu, "clip_var": record.var,
+            "clipped": float(record.clipped), "skipped": float(record.skipped),
+            "lr": parts.optimizer.param_groups[0]["lr"], "samples_per_s": args.global_batch_size / elapsed,
+            "video_tokens_per_s": args.global_batch_size * tokens / elapsed,
+            "tflops_per_device": flops * args.global_batch_size / elapsed / world / 1e12,
+            "bad_samples": float(data.dataset.bad_sample_count()),
+            "skipped_batches": float(data.sampler.skipped_batches),
+            "mem_gib": backend.max_memory_allocated() / 2**30,
+        }
+        scalars["mfu"] = scalars["tflops_per_device"] / args.peak_tflops if args.peak_tflops else 0.0
+        log.log(state.iteration, scalars, extra="EXTREME step skipped" if record.extreme else "")
+        due = args.save and args.save_interval and state.iteration % args.save_interval == 0
+        preempted = preemption.agreed(device)
+        if args.save and (due or preempted or state.iteration == args.train_iters):
+            save(state.iteration)
+        if preempted:
+            log.info("SIGTERM: saved at iteration %d, exiting", state.iteration)
+            break
+    log.close()
+    return exit_code

@@ -8,6 +8,7 @@ The model config needs `condition_channels: in_channels + 8`. See examples/i2v/ 
 
 import argparse
 import sys
+from pathlib import Path
 
 from megatron_video.inpaint.conditioning import i2v_inputs
 from megatron_video.inpaint.training import add_i2v_args, check_i2v_configs, i2v_setup
@@ -22,11 +23,13 @@ def main(argv: list[str]) -> int:
 
     # the inpainting config and its fit with the model / data configs are checked before anything starts
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flag in ("--inpaint-config", "--model-config", "--data-config"):
+    for flag in ("--inpaint-config", "--model-config", "--data-config", "--init-from-t2v"):
         parser.add_argument(flag)
     known, _ = parser.parse_known_args(argv)
     if known.inpaint_config is None:  # the full parser prints --help or names the missing flag
         return pretrain(argv, i2v_inputs, add_i2v_args)
+    if known.init_from_t2v is not None and not Path(known.init_from_t2v).is_dir():
+        raise SystemExit(f"--init-from-t2v: checkpoint directory not found: {known.init_from_t2v}")
     inpaint = load_inpaint_config(known.inpaint_config)
     if known.model_config and known.data_config:
         model = model_config_from_mapping(read_mapping(known.model_config), source=known.model_config)

@@ -24,13 +24,13 @@ class LayoutError(ValueError):
 
 
 def default_pipeline_split(num_blocks: int, pp: int) -> list[int]:
-    """Blocks per pipeline stage: as even as possible, earlier stages get the extra blocks."""
-    if pp < 1:
-        raise LayoutError(f"pipeline size must be >= 1, got {pp}")
-    if pp > num_blocks:
-        raise LayoutError(f"pipeline size {pp} exceeds the number of blocks {num_blocks}")
-    base, extra = divmod(num_blocks, pp)
-    return [base + (1 if stage < extra else 0) for stage in range(pp)]
+    """Blocks per pipeline stage: the training stack's own default split (models/suv_mmdit/pipeline.py)."""
+    from megatron_video.models.suv_mmdit.pipeline import split_blocks
+
+    try:
+        return [len(stage) for stage in split_blocks(num_blocks, pp)]
+    except ValueError as exc:
+        raise LayoutError(str(exc)) from exc
 
 
 def stage_bounds(num_blocks: int, pp: int) -> list[tuple[int, int]]:

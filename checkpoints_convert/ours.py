@@ -10,9 +10,7 @@ legacy: Megatron's per-rank layout `iter_XXXXXXX/mp_rank_TT[_PPP]/model_optim_rn
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,13 +22,12 @@ from checkpoints_convert.sources import SourceError, load_pt
 from checkpoints_convert.tensorio import drop_mapped_pages, file_mappings
 from megatron_video.models.suv_mmdit.config import SUVConfig
 from megatron_video.models.suv_mmdit.state_dict_adapter import from_released_key, to_released_key
-from megatron_video.training.checkpointing import TRACKER, iteration_dir
+from megatron_video.training.checkpointing import TRACKER, fresh_tmp_dir, iteration_dir, publish_checkpoint
 
 LEGACY_FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-# world_size 0: no per-rank RNG state is stored. load_checkpoint asks for `rng_state.world<N>` whenever the saved
-# world size equals the current one, so a 1 here would make a one-process load fail on a missing key.
-FINETUNE_COMMON = {"train": {"iteration": 0, "consumed_samples": 0, "extreme_batches": []}, "world_size": 0}
+# Weights only: no per-rank RNG state (no "has_rng_state"), so load_checkpoint never asks for one.
+FINETUNE_COMMON = {"train": {"iteration": 0, "consumed_samples": 0}, "world_size": 1}
 
 
 class CheckpointFormatError(ValueError):
@@ -79,24 +76,11 @@ def detect_format(directory: Path) -> str:
 
 
 def publish(root: Path, iteration: int, tmp: Path) -> Path:
-    """Move a finished `tmp` directory to `iter_XXXXXXX` and point the tracker at it (atomic renames)."""
-    final = iteration_dir(root, iteration)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    tracker_tmp = root / (TRACKER + ".tmp")
-    tracker_tmp.write_text(f"{iteration}\n")
-    os.replace(tracker_tmp, root / TRACKER)
-    return final
+    return publish_checkpoint(root, iteration, tmp)
 
 
 def fresh_tmp(root: Path, iteration: int) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = iteration_dir(root, iteration).with_name(iteration_dir(root, iteration).name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
+    return fresh_tmp_dir(root, iteration)
 
 
 # --- dist -----------------------------------------------------------------------------------------------------

@@ -193,6 +193,9 @@ def validate_args(args: argparse.Namespace, world_size: int, num_heads: int | No
             raise ArgumentError(f"--{flag.replace('_', '-')}: directory not found: {value}")
     if args.load is not None and not Path(args.load).is_dir():
         raise ArgumentError(f"--load: checkpoint directory not found: {args.load}")
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        raise ArgumentError("--num-layers-per-virtual-pipeline-stage: interleaved pipeline stages are not wired into "
+                            "the training loop yet (the schedule is: megatron_video/parallel/pipeline.py)")
     if args.recompute_method is not None and args.recompute_granularity != "full":
         raise ArgumentError("--recompute-method needs --recompute-granularity full")
     if args.recompute_granularity == "full" and args.recompute_method is not None \
@@ -228,4 +231,25 @@ def parse_args(
     heads = getattr(args.model_config, "num_heads", None)
     if heads is not None:
         validate_args(args, world_size, num_heads=heads)
+        validate_model_parallel(args)
     return args
+
+
+def validate_model_parallel(args: argparse.Namespace) -> None:
+    """Checks that need the model config: the context-parallel plan of every block, the pipeline split."""
+    from megatron_video.parallel.context_parallel import validate_context_parallel
+
+    cfg = args.model_config
+    if args.context_parallel_size > 1:
+        try:
+            validate_context_parallel(cfg, args.context_parallel_size, args.tensor_model_parallel_size)
+        except ValueError as exc:
+            raise ArgumentError(f"--context-parallel-size {args.context_parallel_size}: {exc}") from exc
+    pp = args.pipeline_model_parallel_size
+    if pp > cfg.num_blocks:
+        raise ArgumentError(f"--pipeline-model-parallel-size {pp} exceeds the model's {cfg.num_blocks} blocks")
+    if args.pipeline_layer_split is not None:
+        total = sum(int(x) for x in args.pipeline_layer_split.split(","))
+        if total != cfg.num_blocks:
+            raise ArgumentError(f"--pipeline-layer-split {args.pipeline_layer_split} covers {total} blocks, the model "
+                                f"has {cfg.num_blocks}")

@@ -31,10 +31,11 @@ def make_inputs(cfg, shape: tuple[int, int, int], seed: int = 1) -> dict[str, to
 
 
 def train_step_worker(cfg, weights, inputs_list, variants, count_bytes: bool = False) -> list[dict]:
-    """For each (tp, cp, sequence_parallel, strategy) and each input: build the model, load this rank's TP
-    shard of the released-name `weights`, run one forward-backward through megatron's schedule (which scales
-    the loss by the CP size) and finalize_model_grads (DDP over DP x CP), and report the loss, the output and
-    the main grads in released names. With `count_bytes`, also the CP-group bytes of each step."""
+    """For each (tp, cp, sequence_parallel, strategy[, megatron flags as item pairs]) and each input: build the
+    model, load this rank's TP shard of the released-name `weights` (None: drawn here, the same on every rank),
+    run one forward-backward through megatron's schedule (which scales the loss by the CP size) and
+    finalize_model_grads (DDP over DP x CP), and report the loss, the output and the main grads in released
+    names. With `count_bytes`, also the CP-group bytes of each step."""
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -54,10 +55,12 @@ def train_step_worker(cfg, weights, inputs_list, variants, count_bytes: bool = F
         weights = random_released_weights(SUVMMDiT(cfg, megatron_config(cfg, params_dtype=torch.float32,
                                                                           use_cpu_initialization=True)))
     results = []
-    for tp, cp, sp, strategy in variants:
+    for variant in variants:
+        tp, cp, sp, strategy = variant[:4]
+        extra = dict(variant[4]) if len(variant) > 4 else {}  # megatron flags, e.g. recompute
         initialize_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
         config = megatron_config(cfg, tensor_model_parallel_size=tp, context_parallel_size=cp, sequence_parallel=sp,
-                                 params_dtype=torch.float32, use_cpu_initialization=True)
+                                 params_dtype=torch.float32, use_cpu_initialization=True, **extra)
         model = SUVMMDiT(cfg, config)
         if cp > 1 and strategy != "skiparse":
             set_context_parallel_strategy(model, strategy)
@@ -87,7 +90,7 @@ def train_step_worker(cfg, weights, inputs_list, variants, count_bytes: bool = F
             finalize_model_grads([ddp])
             grads = {name: p.main_grad.clone() for name, p in model.named_parameters() if p.requires_grad}
             entry = {
-                "variant": (tp, cp, sp, strategy), "input": index, "rank": dist.get_rank(),
+                "variant": variant, "input": index, "rank": dist.get_rank(),
                 "tp_rank": mpu.get_tensor_model_parallel_rank(), "cp_rank": mpu.get_context_parallel_rank(),
                 "loss": losses[0]["loss"].item(), "output": store["output"], "grads": to_released(grads, cfg),
             }

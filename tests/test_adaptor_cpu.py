@@ -42,6 +42,15 @@ def test_prepare_is_idempotent_and_redirects():
         setup_device("cuda")
 
 
+def test_device_context_still_sees_the_factories():
+    from megatron_video.adaptor import setup_device
+
+    setup_device("cpu")
+    with torch.device("meta"):  # transformers builds models this way before loading weights
+        made = [torch.tensor([1.0]), torch.full((2,), 3.0), torch.zeros(2), torch.arange(3), torch.empty(1)]
+    assert [t.device.type for t in made] == ["meta"] * 5
+
+
 def test_rng_tracker_fork_is_reproducible():
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 

@@ -146,3 +146,29 @@ def test_model_config_file_errors_named(tmp_path):
     path.write_text("preset: huge\n")
     with pytest.raises(ArgumentError, match=r"unknown preset 'huge'"):
         parse_args(["--model-config", str(path)], world_size=1)
+
+
+def test_context_parallel_plan_checked_at_parse_time(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_text("preset: small\n")  # 4 heads: TP 2 leaves 2 per rank, Ulysses over 4 CP ranks cannot split them
+    argv = ["--model-config", str(path), "--tensor-model-parallel-size", "2", "--context-parallel-size", "4"]
+    with pytest.raises(ArgumentError, match=r"attention heads \(4\) are not divisible by TP x CP = 2 x 4 = 8"):
+        parse_args(argv, world_size=8)
+    args = parse_args(argv[:4] + ["--context-parallel-size", "2"], world_size=4)  # 2 heads per TP rank, CP 2
+    assert args.context_parallel_size == 2
+
+
+def test_pipeline_split_must_cover_the_model(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_text("preset: small\n")  # 10 blocks
+    argv = ["--model-config", str(path), "--pipeline-model-parallel-size", "2", "--pipeline-layer-split", "4,5"]
+    with pytest.raises(ArgumentError, match="covers 9 blocks, the model has 10"):
+        parse_args(argv, world_size=2)
+    with pytest.raises(ArgumentError, match="exceeds the model's 10 blocks"):
+        parse_args(["--model-config", str(path), "--pipeline-model-parallel-size", "11"], world_size=11)
+
+
+def test_virtual_pipeline_refused_before_start():
+    args = _args("--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2")
+    with pytest.raises(ArgumentError, match="interleaved pipeline stages are not wired"):
+        validate_args(args, world_size=2)

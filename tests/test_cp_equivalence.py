@@ -15,6 +15,7 @@ from tests.harness import run_distributed
 from tests.test_suv_tp import assert_close_scaled
 
 REFERENCE = (1, 1, False, "skiparse")
+FULL_RECOMPUTE = (("recompute_granularity", "full"), ("recompute_method", "uniform"), ("recompute_num_layers", 1))
 
 
 def _by_variant(results: list[list[dict]]) -> dict[tuple, dict[int, list[dict]]]:
@@ -44,7 +45,7 @@ def _check_against_reference(results: list[list[dict]], variants: list[tuple], s
             if variant == REFERENCE:
                 continue
             entries = by_variant[variant][index]
-            what = f"{shape} at TP={variant[0]} CP={variant[1]} SP={variant[2]} {variant[3]}"
+            what = f"{shape} at TP={variant[0]} CP={variant[1]} SP={variant[2]} {variant[3:]}"
             for entry in entries:  # every rank returns the whole output and the same loss
                 assert_close_scaled(entry["output"], ref_out, 2e-6, f"output of rank {entry['rank']}, {what}")
                 assert abs(entry["loss"] - ref[0]["loss"]) <= 1e-5 * abs(ref[0]["loss"]), what
@@ -66,8 +67,8 @@ def _check_bytes(results: list[list[dict]], cfg, variants: list[tuple], shapes: 
 
     by_variant = _by_variant(results)
     for variant in variants:
-        tp, cp, sp, strategy = variant
-        if tp != 1 or cp == 1:
+        tp, cp, sp, strategy = variant[:4]
+        if tp != 1 or cp == 1 or len(variant) > 4:
             continue
         for index, shape in enumerate(shapes):
             t, h, w = SHAPES[shape]
@@ -95,7 +96,7 @@ def _run(world: int, variants: list[tuple], shapes: list[str], count_bytes: bool
 @pytest.mark.slow
 def test_context_parallel_matches_cp1_on_four_ranks():
     variants = [REFERENCE, (1, 2, False, "skiparse"), (1, 4, False, "skiparse"), (1, 4, False, "ulysses"),
-                (2, 2, True, "skiparse"), (2, 2, False, "ulysses")]
+                (2, 2, True, "skiparse"), (2, 2, False, "ulysses"), (1, 2, False, "skiparse", FULL_RECOMPUTE)]
     _run(4, variants, list(SHAPES), count_bytes=True)
 
 

@@ -129,3 +129,15 @@ def test_extreme_steps_recorded_and_skipped_on_resume(setup: TrainingSetup, tmp_
     assert code == 0, log[-3000:]
     skipped = [float(v) for v in re.findall(r"skipped_batches ([0-9.]+)", log)]
     assert skipped and max(skipped) >= 1, log[-2000:]
+
+
+def test_eight_ranks_tp_cp_dp_match_tp_dp(setup: TrainingSetup, reference_tp2_dp2: dict[int, float]):
+    """TP 2 x CP 2 x DP 2 (+ Megatron-SP) trains the same model as TP 2 x DP 2: context parallel only splits
+    each sample's tokens, so the losses agree to round-off."""
+    code, log = run_training(8, train_args(setup, 3, "--tensor-model-parallel-size", "2",
+                                           "--context-parallel-size", "2", "--sequence-parallel"))
+    assert code == 0, log[-3000:]
+    curve = losses(log)
+    assert sorted(curve) == [1, 2, 3]
+    for iteration, loss in curve.items():
+        assert loss == pytest.approx(reference_tp2_dp2[iteration], rel=1e-4), iteration

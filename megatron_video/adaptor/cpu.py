@@ -147,6 +147,12 @@ def prepare() -> None:
         return
     cuda = torch.cuda
 
+    # torch's device context (`with torch.device("meta")`, used by transformers' loading) recognises factories by
+    # identity in a set it builds once from the `torch` namespace: build it now, with the original functions, so
+    # the originals our wrappers call stay recognised.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _FACTORIES:
         fn = getattr(torch, name)
         if not getattr(fn, "_megatron_video_cpu", False):

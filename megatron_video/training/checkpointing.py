@@ -125,6 +125,29 @@ def _rng_sharded_object(state: dict[str, Any]) -> Any:
     return ShardedObject(f"rng_state.world{world}", state, (world,), (rank,), replica_id=0)
 
 
+def fresh_tmp_dir(root: Path, iteration: int) -> Path:
+    """An empty `iter_XXXXXXX.tmp/` to write into (a leftover from a killed save is removed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def publish_checkpoint(root: Path, iteration: int, tmp: Path) -> Path:
+    """Rename a finished `tmp` to `iter_XXXXXXX/` and point the tracker at it (atomic renames, fsynced)."""
+    final = iteration_dir(root, iteration)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same iteration (e.g. SIGTERM right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_atomic(root / TRACKER, f"{iteration}\n")
+    return final
+
+
 def save_checkpoint(
     root: str | Path,
     iteration: int,
@@ -137,30 +160,21 @@ def save_checkpoint(
     from megatron.core import dist_checkpointing
 
     root = Path(root)
-    final = iteration_dir(root, iteration)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = iteration_dir(root, iteration).with_name(f"iter_{iteration:07d}.tmp")
     if _is_rank0():
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a save that was killed
-        tmp.mkdir()
+        fresh_tmp_dir(root, iteration)
     _barrier()
     state = dict(sharded_state)
     state["rng_state"] = _rng_sharded_object(rng_state())
-    state["common"] = common_state
+    state["common"] = {**common_state, "has_rng_state": True}
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _is_rank0():
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same iteration (e.g. SIGTERM right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / TRACKER, f"{iteration}\n")
+        publish_checkpoint(root, iteration, tmp)
         if keep_last is not None:
             prune_checkpoints(root, keep_last)
     _barrier()
-    return final
+    return iteration_dir(root, iteration)
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
@@ -201,8 +215,8 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {directory} not found")
     state = build_sharded_state()
     common = dist_checkpointing.load_common_state_dict(str(directory))
-    saved_world = common.get("common", {}).get("world_size")
-    if saved_world == dist.get_world_size():
+    saved = common.get("common", {})
+    if saved.get("has_rng_state") and saved.get("world_size") == dist.get_world_size():
         state["rng_state"] = _rng_sharded_object(rng_state())
     handling = StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED
     loaded = dist_checkpointing.load(state, str(directory), strict=handling)

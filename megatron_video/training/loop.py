@@ -9,6 +9,7 @@ when due or when the job is being preempted (SIGTERM).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -180,8 +181,15 @@ def checkpoint_sharded_state(parts: Any, loading: bool, weights_only: bool = Fal
     if weights_only:
         return out
     out["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIM_FORMAT)
-    if parts.ema is not None:
-        out["ema"] = parts.ema.sharded_state_dict(model_sd)
+    if parts.ema is not None:  # checkpoint keys "ema.<param name>", beside the model's "model.<param name>"
+        plain = model_sharded_state_dict(parts.module, prefix="")
+        ema = parts.ema.sharded_state_dict(plain, prefix="ema.")
+        # frozen parameters (no optimizer state, never updated) are their own EMA: store them too, so the EMA
+        # weights are a complete state dict for export
+        for name, entry in plain.items():
+            if name not in ema:
+                ema[name] = dataclasses.replace(entry, key="ema." + name)
+        out["ema"] = ema
     return out
 
 
@@ -214,10 +222,6 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
     initialize_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size,
                         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
                         context_parallel_size=args.context_parallel_size)
-    if args.context_parallel_size > 1:
-        raise SystemExit("context parallel training is not wired into the loop yet (see the context-parallel issue)")
-    if args.num_layers_per_virtual_pipeline_stage is not None:
-        raise SystemExit("virtual pipeline stages (interleaved 1F1B) are not supported for the SUV model yet")
     set_seed(args.seed)
     device = local_device()
     dp_group = mpu.get_data_parallel_group()

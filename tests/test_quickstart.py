@@ -1,0 +1,29 @@
+"""The README's quickstart runs end to end (short): data, cache, train, resume, export, reload."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quickstart_script(tmp_path: Path):
+    env = dict(os.environ, OUT=str(tmp_path / "qs"), ITERS="4", PYTHON=sys.executable, PYTHONPATH=str(REPO),
+               MASTER_PORT="29531")
+    proc = subprocess.run(["bash", str(REPO / "examples" / "quickstart" / "run.sh")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    iterations = [int(i) for i in re.findall(r"^iteration\s+(\d+)/", out, re.M)]
+    assert iterations == [1, 2, 3, 4, 1], out[-3000:]  # train 2, resume to 4, one step from the export
+    assert "loaded" in out and "(full state)" in out and "(weights only)" in out
+    released = tmp_path / "qs" / "released"
+    assert (released / "model_ema.safetensors").is_file() and (released / "model.safetensors").is_file()
+    assert (released / "diffusers_ema" / "config.json").is_file()

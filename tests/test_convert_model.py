@@ -14,7 +14,6 @@ from checkpoints_convert.schema import released_schema
 from checkpoints_convert.synthetic import write_random_released
 from megatron_video.models.suv_mmdit import suv_config
 from tests.harness import run_distributed
-from tests.test_suv_model import tp1  # noqa: F401  (fixture)
 
 GOLDEN = "suv_tiny_L2-2-2_S1-2-1_fp32.safetensors"
 
@@ -102,7 +101,7 @@ def test_golden_imported_through_cli_at_tp2(golden_dir: Path, tmp_path: Path) ->
             assert (out - golden["output"]).abs().max().item() <= 1e-5
 
 
-def test_dist_import_loads_in_one_process_at_tp1(tp1, tmp_path: Path) -> None:  # noqa: F811
+def test_dist_import_loads_in_one_process_at_tp1(tp1, tmp_path: Path) -> None:
     cfg = suv_config("small")
     src = write_random_released(tmp_path / "w.safetensors", cfg, dtype=torch.float32)
     assert main(["import", str(src), str(tmp_path / "dist"), "--preset", "small"]) == 0

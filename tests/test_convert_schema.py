@@ -19,7 +19,6 @@ from checkpoints_convert.schema import (
     released_schema,
 )
 from megatron_video.models.suv_mmdit import suv_config
-from tests.test_suv_model import tp1  # noqa: F401  (fixture)
 
 TSV = Path(__file__).resolve().parents[2] / "shared/reference/osp_v1_5_8.5b_state_dict.tsv"
 
@@ -40,7 +39,7 @@ def test_schema_equals_released_tsv() -> None:
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 @pytest.mark.parametrize("text", [False, True])
-def test_schema_equals_model_state_dict(tp1, preset: str, text: bool) -> None:  # noqa: F811
+def test_schema_equals_model_state_dict(tp1, preset: str, text: bool) -> None:
     from megatron_video.models.suv_mmdit import SUVMMDiT
     from megatron_video.models.suv_mmdit.config import megatron_config
     from megatron_video.models.suv_mmdit.state_dict_adapter import to_released

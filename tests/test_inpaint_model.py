@@ -3,8 +3,6 @@ at step 0; a T2V dist checkpoint loads into the I2V model (at another TP size) w
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -35,19 +33,6 @@ def build(cfg, tp: int = 1) -> SUVMMDiT:
                                          tensor_model_parallel_size=tp))
 
 
-@pytest.fixture(scope="module")
-def tp1():
-    import torch.distributed as dist
-
-    from megatron_video.parallel import init_distributed, initialize_parallel
-    from megatron_video.parallel.spawn import free_port
-
-    if not dist.is_initialized():
-        os.environ["MASTER_PORT"] = str(free_port())
-        init_distributed("cpu")
-    if dist.get_world_size() != 1:
-        pytest.fail("these tests need a single-process group")
-    initialize_parallel(tensor_model_parallel_size=1)
 
 
 def test_i2v_equals_t2v_at_step_0_and_learns_the_condition(tp1) -> None:

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from tests.harness import run_distributed
-from tests.test_suv_model import tp1  # noqa: F401  (fixture)
 
 GOLDEN = "suv_tiny_L2-2-2_S1-2-1_fp32.safetensors"
 
@@ -43,7 +42,7 @@ def golden_worker(weights: dict, inputs: dict, variants: list[tuple[int, bool]])
     return outputs
 
 
-def test_golden_tp1(tp1, golden_dir: Path) -> None:  # noqa: F811
+def test_golden_tp1(tp1, golden_dir: Path) -> None:
     from megatron_video.models.suv_mmdit import suv_config
 
     meta = json.loads((golden_dir / GOLDEN.replace(".safetensors", ".json")).read_text())["config"]

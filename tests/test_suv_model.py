@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -25,20 +24,6 @@ from tests.test_suv_tp import _inputs, random_released_weights
 TSV = Path(__file__).resolve().parents[2] / "shared/reference/osp_v1_5_8.5b_state_dict.tsv"
 
 
-@pytest.fixture(scope="module")
-def tp1():
-    """A single-process TP = 1 megatron-core parallel state (gloo on CPU)."""
-    import torch.distributed as dist
-
-    from megatron_video.parallel import init_distributed, initialize_parallel
-    from megatron_video.parallel.spawn import free_port
-
-    if not dist.is_initialized():
-        os.environ["MASTER_PORT"] = str(free_port())
-        init_distributed("cpu")
-    if dist.get_world_size() != 1:
-        pytest.fail("these tests need a single-process group")
-    initialize_parallel(tensor_model_parallel_size=1)
 
 
 def build(cfg, dtype=torch.float32, seed: int | None = 0, **megatron_flags) -> SUVMMDiT:

@@ -4,7 +4,6 @@ communication formulas, the enumeration and ranking, and the command line."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -30,19 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 BIG = suv_config("osp-v1.5-8.5b")
 
 
-@pytest.fixture(scope="module")
-def tp1():
-    import torch.distributed as dist
-
-    from megatron_video.parallel import init_distributed, initialize_parallel
-    from megatron_video.parallel.spawn import free_port
-
-    if not dist.is_initialized():
-        os.environ["MASTER_PORT"] = str(free_port())
-        init_distributed("cpu")
-    if dist.get_world_size() != 1:
-        pytest.fail("these tests need a single-process group")
-    initialize_parallel(tensor_model_parallel_size=1)
 
 
 def _build(cfg, recompute: str, dtype=torch.bfloat16) -> SUVMMDiT:

@@ -22,14 +22,16 @@ def init_distributed(
         return device_backend
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device_backend.set_device(local_rank)
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.update(RANK="0", WORLD_SIZE="1")
-    dist.init_process_group(
-        backend=backend or device_backend.dist_backend,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    backend = backend or device_backend.dist_backend
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:  # a plain `python script.py`: a group of one, without touching the environment others read
+        from megatron_video.parallel.spawn import free_port
+
+        port = os.environ.get("MASTER_PORT") or str(free_port())
+        dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1,
+                                init_method=f"tcp://127.0.0.1:{port}")
     return device_backend
 
 

@@ -257,9 +257,12 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
     data.sampler.add_skip_ids(state.extreme.sample_ids() | on_disk)
 
     batches = _forever(data.loader)
-    num_params = sum_over_pipeline(sum(p.numel() for p in parts.module.parameters()), device)
+    # the whole model's parameter count: TP-sharded parameters x TP, summed over pipeline stages
+    tp = args.tensor_model_parallel_size
+    local = sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+                for p in parts.module.parameters())
+    num_params = sum_over_pipeline(local, device)
     blocks_k = [spec.k for spec in args.model_config.block_specs()]
-    exit_code = 0
     while state.iteration < args.train_iters:
         started = time.monotonic()
         micro_batches = [encode(next(batches)) for _ in range(num_micro)]
@@ -289,8 +292,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         loss = from_last_stage(loss, device)  # only the last pipeline stage computes the loss
         elapsed = time.monotonic() - started
         tokens = video_tokens(x0.shape[2:], args.model_config.patch_size)
-        flops = training_flops_per_sample(num_params * args.tensor_model_parallel_size,
-                                          args.model_config.hidden_size, blocks_k, tokens,
+        flops = training_flops_per_sample(num_params, args.model_config.hidden_size, blocks_k, tokens,
                                           micro_batches[0]["t5_hidden"].shape[1])
         world = dist.get_world_size()
         scalars = {
@@ -311,7 +313,8 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         if args.save and (due or preempted or state.iteration == args.train_iters):
             save(state.iteration)
         if preempted:
-            log.info("SIGTERM: saved at iteration %d, exiting", state.iteration)
+            log.info("SIGTERM: %s at iteration %d, exiting", "saved" if args.save else "no --save, not saved",
+                     state.iteration)
             break
     log.close()
-    return exit_code
+    return 0

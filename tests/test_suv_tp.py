@@ -18,20 +18,11 @@ VARIANTS = [(1, False, {}), (2, False, {}), (2, True, {}), (4, False, {}), (4, T
 
 def _inputs(cfg, seed: int = 1) -> dict[str, torch.Tensor]:
     """Batch 2, latent 3 x 6 x 4 (18 tokens: skiparse pads for k = 4, SP pads for TP = 4), text 7 with padding."""
-    g = torch.Generator().manual_seed(seed)
-    b, t, h, w, text_len = 2, 3, 6, 4, 7
-    mask = torch.ones(b, t, h, w, dtype=torch.long)
-    mask[1, 2, :, 2:] = 0
-    text_mask = torch.ones(b, 1, text_len, dtype=torch.long)
-    text_mask[1, 0, 5:] = 0
-    return {
-        "hidden_states": torch.randn(b, cfg.in_channels, t, h, w, generator=g),
-        "timestep": torch.tensor([250.0, 731.5]),
-        "encoder_hidden_states": torch.randn(b, 1, text_len, cfg.caption_channels, generator=g),
-        "pooled_projections": torch.randn(b, 1, cfg.pooled_projection_dim, generator=g),
-        "attention_mask": mask,
-        "encoder_attention_mask": text_mask,
-    }
+    from tests.cp_fixtures import make_inputs
+
+    inputs = make_inputs(cfg, (3, 6, 4), seed)
+    del inputs["target"]  # drawn last, so the model inputs are the same draws
+    return inputs
 
 
 def random_released_weights(model, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -125,11 +125,15 @@ def _rng_sharded_object(state: dict[str, Any]) -> Any:
     return ShardedObject(f"rng_state.world{world}", state, (world,), (rank,), replica_id=0)
 
 
+def tmp_dir(root: str | Path, iteration: int) -> Path:
+    """Where iteration `iteration` is written before it is published."""
+    return Path(root) / f"iter_{iteration:07d}.tmp"
+
+
 def fresh_tmp_dir(root: Path, iteration: int) -> Path:
     """An empty `iter_XXXXXXX.tmp/` to write into (a leftover from a killed save is removed)."""
     root.mkdir(parents=True, exist_ok=True)
-    final = iteration_dir(root, iteration)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = tmp_dir(root, iteration)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -160,7 +164,7 @@ def save_checkpoint(
     from megatron.core import dist_checkpointing
 
     root = Path(root)
-    tmp = iteration_dir(root, iteration).with_name(f"iter_{iteration:07d}.tmp")
+    tmp = tmp_dir(root, iteration)
     if _is_rank0():
         fresh_tmp_dir(root, iteration)
     _barrier()

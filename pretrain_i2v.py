@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 8 pretrain_i2v.py --model-config M.yaml --data-config D.yaml \
         --inpaint-config examples/i2v/inpaint.yaml [--init-from-t2v T2V_CKPT_DIR] [Megatron-style flags]
 
-The model config needs `condition_channels: in_channels + 8`. See examples/i2v/ and DESIGN.md §10.
+The model config needs `condition_channels: in_channels + 8`. See examples/i2v/ and docs/DESIGN.md §10.
 """
 
 import argparse

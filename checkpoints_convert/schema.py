@@ -1,7 +1,7 @@
 """The released Open-Sora Plan v1.5 state-dict schema for any `SUVConfig`, and its diffusers `config.json`.
 
 `released_schema(cfg, last_block_text=True)` lists every entry of the released merged file in file order
-(shared/reference/osp_v1_5_8.5b_state_dict.tsv for the 8.5B preset): tensor shapes, and None for the
+(tests/data/osp_v1_5_8.5b_state_dict.tsv for the 8.5B preset): tensor shapes, and None for the
 `._extra_state` entries of the Megatron parallel linears. `last_block_text=False` drops the last block's text
 output path (to_add_out, norm2.norm_enc, ff_enc), which a TP = 1 build of ours does not have.
 """

@@ -3,8 +3,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.no_skip import pytest_runtest_makereport  # noqa: F401  (skips fail)
+
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = REPO.parent / "shared" / "reference" / "golden"
+# Reference data the tests read travels with the repository (tests/data/README.md says where each came from).
+DATA_DIR = REPO / "tests" / "data"
+GOLDEN_DIR = DATA_DIR / "golden"
 
 # Several ranks share two cores: one intra-op thread per process keeps multi-rank tests from thrashing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -12,8 +16,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    if not GOLDEN_DIR.is_dir():
-        pytest.skip(f"golden reference folder not found at {GOLDEN_DIR} (it lives in shared/, beside the repo)")
+    # a missing file in the repository is a failure, never a skip
+    assert GOLDEN_DIR.is_dir(), f"golden reference folder missing from the repository: {GOLDEN_DIR}"
     return GOLDEN_DIR
 
 

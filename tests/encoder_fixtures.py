@@ -1,4 +1,4 @@
-"""Helpers for the encoder tests: random-weight tiny WF-VAEs and the shared reference folder."""
+"""Helpers for the encoder tests: random-weight tiny WF-VAEs and the repository's reference data."""
 
 from __future__ import annotations
 
@@ -7,18 +7,16 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import torch
 
 from megatron_video.models.wfvae import WFVAE, WFVAEConfig
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parent / "data"
 
 
 def reference_file(name: str) -> Path:
     path = REFERENCE_DIR / name
-    if not path.is_file():
-        pytest.skip(f"reference file {path} not found (it lives in shared/, beside the repo)")
+    assert path.is_file(), f"reference file missing from the repository: {path}"
     return path
 
 

@@ -1,4 +1,4 @@
-"""The upstream implementation's tiny fp32 test vector (shared/reference/golden), loaded through the name
+"""The upstream implementation's tiny fp32 test vector (tests/data/golden), loaded through the name
 mapping: reproduced to <= 1e-5 at TP = 1 and at TP = 2 with and without Megatron sequence parallel."""
 
 from __future__ import annotations

@@ -18,6 +18,24 @@ PYTHON="${PYTHON:-python}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 HALF=$((ITERS / 2))
+mkdir -p "$OUT/logs"
+
+# Every command's failure stops the script with its exit code and its error in view. The data tools print
+# straight to the terminal; the trainer and converter (noisy library warnings) run through
+# step NAME PATTERN COMMAND...: the whole output goes to $OUT/logs/NAME.log; on success the lines matching
+# PATTERN are shown, on failure the whole log.
+step() {
+    local name="$1" pattern="$2" rc=0
+    shift 2
+    "$@" >"$OUT/logs/$name.log" 2>&1 || rc=$?
+    if (( rc != 0 )); then
+        echo "!! step '$name' failed (exit code $rc): $*" >&2
+        cat "$OUT/logs/$name.log" >&2
+        echo "!! full log: $OUT/logs/$name.log" >&2
+        exit "$rc"
+    fi
+    grep -E "$pattern" "$OUT/logs/$name.log" || true
+}
 
 echo "== 1/6 sample data set (moving shapes) -> $OUT/data"
 "$PYTHON" tools/make_sample_dataset.py --out "$OUT/data"
@@ -37,28 +55,29 @@ COMMON=(-m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${MAST
         --model-config examples/quickstart/model.yaml --data-config "$OUT/data.yaml"
         --global-batch-size 4 --micro-batch-size 1 --lr 1e-3 --clip-grad 1.0)
 TRAIN=("${COMMON[@]}" --save "$OUT/checkpoints" --save-interval "$HALF" --tensorboard-dir "$OUT/tensorboard")
+LOGGED="^ *(\[|iteration|saved|loaded)"  # the training log lines (the rest is in $OUT/logs/)
 
 echo "== 3/6 train $HALF iterations (TP=$TP x DP=$((NPROC / TP)) on $NPROC CPU ranks)"
-OMP_NUM_THREADS=1 "$PYTHON" "${TRAIN[@]}" --train-iters "$HALF" 2>&1 | grep -E "^(iteration|saved|loaded)"
+export OMP_NUM_THREADS=1
+step train "$LOGGED" "$PYTHON" "${TRAIN[@]}" --train-iters "$HALF"
 
 echo "== 4/6 resume from $OUT/checkpoints and continue to iteration $ITERS"
-OMP_NUM_THREADS=1 "$PYTHON" "${TRAIN[@]}" --train-iters "$ITERS" --load "$OUT/checkpoints" 2>&1 \
-    | grep -E "^(iteration|saved|loaded)"
+step resume "$LOGGED" "$PYTHON" "${TRAIN[@]}" --train-iters "$ITERS" --load "$OUT/checkpoints"
 
 echo "== 5/6 export to the released Open-Sora Plan format -> $OUT/released (EMA and trained weights)"
-"$PYTHON" -m checkpoints_convert export "$OUT/checkpoints" --weights ema --model-config examples/quickstart/model.yaml \
-    --safetensors "$OUT/released/model_ema.safetensors" --pt "$OUT/released/model_ema.pt" \
-    --diffusers "$OUT/released/diffusers_ema" 2>&1 | grep -E "^export"
-"$PYTHON" -m checkpoints_convert export "$OUT/checkpoints" --weights model --model-config examples/quickstart/model.yaml \
-    --safetensors "$OUT/released/model.safetensors" 2>&1 | grep -E "^export"
+step export_ema "^export" "$PYTHON" -m checkpoints_convert export "$OUT/checkpoints" --weights ema \
+    --model-config examples/quickstart/model.yaml --safetensors "$OUT/released/model_ema.safetensors" \
+    --pt "$OUT/released/model_ema.pt" --diffusers "$OUT/released/diffusers_ema"
+step export_model "^export" "$PYTHON" -m checkpoints_convert export "$OUT/checkpoints" --weights model \
+    --model-config examples/quickstart/model.yaml --safetensors "$OUT/released/model.safetensors"
 
 echo "== 6/6 load the exported weights back (import, then one step from them: the loss is the trained one)"
-"$PYTHON" -m checkpoints_convert import "$OUT/released/model.safetensors" "$OUT/reimported" \
-    --model-config examples/quickstart/model.yaml 2>&1 | grep -E "^import"
-OMP_NUM_THREADS=1 "$PYTHON" "${COMMON[@]}" --train-iters 1 --load "$OUT/reimported" --finetune \
-    2>&1 | grep -E "^(iteration|loaded)"
+step import "^import" "$PYTHON" -m checkpoints_convert import "$OUT/released/model.safetensors" "$OUT/reimported" \
+    --model-config examples/quickstart/model.yaml
+step reload "$LOGGED" "$PYTHON" "${COMMON[@]}" --train-iters 1 --load "$OUT/reimported" --finetune
 
 echo
 echo "checkpoints: $OUT/checkpoints"
 echo "released-format export: $OUT/released"
 echo "TensorBoard: tensorboard --logdir $OUT/tensorboard"
+echo "logs of every step: $OUT/logs"

@@ -137,7 +137,7 @@ def megatron_config(cfg: SUVConfig, **overrides: object):
 PRESETS: dict[str, SUVConfig] = {
     # The released Open-Sora Plan v1.5 denoiser.
     "osp-v1.5-8.5b": SUVConfig(),
-    # The config of the upstream golden vector (reference/golden/suv_tiny_L2-2-2_S1-2-1_fp32.*).
+    # The config of the upstream golden vector (tests/data/golden/suv_tiny_L2-2-2_S1-2-1_fp32.*).
     "tiny": SUVConfig(
         num_layers=(2, 2, 2), sparse_n=(1, 2, 1), num_heads=2, head_dim=16, in_channels=4, out_channels=4,
         timestep_embed_dim=16, caption_channels=24, pooled_projection_dim=20,

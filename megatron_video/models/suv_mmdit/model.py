@@ -1,6 +1,6 @@
 """The SUV (sparse U-shaped) MMDiT denoiser of Open-Sora Plan v1.5, tensor-parallel with megatron-core.
 
-Reads top to bottom like the forward specification (shared/reference/osp_v1_5_forward.md):
+Reads top to bottom like the forward specification (docs/DESIGN.md §5-6):
 embeddings (section 2-3) -> dual-stream blocks with skiparse joint attention (4-6) in a U-shape with long
 skips (7) -> final norms, projection and unpatchify (8-10). Activations are sequence-first (S, B, H); under
 Megatron sequence parallelism the video and text streams are split along S over the TP group between the

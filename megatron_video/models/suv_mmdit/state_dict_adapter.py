@@ -1,6 +1,6 @@
 """Mapping between our parameter names and the released Open-Sora Plan v1.5 names, and the TP split rules.
 
-Released layout (shared/reference/osp_v1_5_8.5b_state_dict.tsv): diffusers-style names under
+Released layout (tests/data/osp_v1_5_8.5b_state_dict.tsv): diffusers-style names under
 `transformer_blocks.{stage}.{i}.`, long skips as `skip_norm_linear(_enc).{j}.1`, final layer at top level. Ours:
 a flat `blocks.{global index}` list (pipeline-friendly), the long skip owned by the first block of its decoder
 stage, the final layer under `final.`. The mapping is total in both directions for a given `SUVConfig`.

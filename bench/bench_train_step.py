@@ -41,7 +41,8 @@ def main() -> None:
     set_seed(0)
     # constant clip at 1.0 on both sides, so neither skips a step
     args = build_parser().parse_args(["--use-distributed-optimizer", "--clip-grad", "1.0",
-                                      "--lr", "1e-4", "--micro-batch-size", str(opts.batch)])
+                                      "--lr", "1e-4", "--lr-decay-style", "constant", "--weight-decay", "1e-4",
+                                      "--adam-eps", "1e-15", "--micro-batch-size", str(opts.batch)])
     validate_args(args, world_size=1)
     cfg = suv_config("small")
     parts = build_components(args, cfg, train_iters=opts.steps + opts.warmup)

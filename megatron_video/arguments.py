@@ -74,15 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root"),
-                   default="constant")
+                   default="linear", help="as Megatron-LM (default linear, over --lr-decay-iters or --train-iters)")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-iters", type=int, default=None)
 
     g = parser.add_argument_group("optimizer")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-15)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0, help="fixed max grad norm (0 disables)")
     g.add_argument("--clip-grad-ema-decay", type=float, default=None,
                    help="adaptive EMA-3sigma clipping with this decay (v1.5 uses 0.99); replaces --clip-grad")
@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
     g.add_argument("--recompute-num-layers", type=_positive_int, default=None)
+    g.add_argument("--recompute-modules", nargs="+", choices=("core_attn", "mlp"), default=None,
+                   help="with --recompute-granularity selective: core_attn (Megatron's default) and/or mlp (the FFN "
+                        "half of every block, the Open-Sora Plan training fork's choice)")
 
     g = parser.add_argument_group("checkpointing and logging")
     g.add_argument("--seed", type=int, default=1234)
@@ -110,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load weights and counters from --load but not the optimizer / EMA / clip state")
     g.add_argument("--save-interval", type=_positive_int, default=None)
     g.add_argument("--keep-last-checkpoints", type=_positive_int, default=None)
-    g.add_argument("--log-interval", type=_positive_int, default=1)
+    g.add_argument("--log-interval", type=_positive_int, default=100,
+                   help="iterations per console line; its values are averaged over the interval (as Megatron-LM)")
     g.add_argument("--tensorboard-dir", type=str, default=None)
     return parser
 
@@ -201,6 +205,12 @@ def validate_args(args: argparse.Namespace, world_size: int, num_heads: int | No
     if args.recompute_granularity == "full" and args.recompute_method is not None \
             and args.recompute_num_layers is None:
         raise ArgumentError("--recompute-method needs --recompute-num-layers")
+    if args.recompute_method == "uniform" and args.recompute_num_layers != 1:
+        raise ArgumentError(f"--recompute-method uniform --recompute-num-layers {args.recompute_num_layers}: this "
+                            "model recomputes one block at a time (long skips leave any larger unit); use 1, or "
+                            "--recompute-method block to recompute the first N blocks of each pipeline stage")
+    if args.recompute_modules is not None and args.recompute_granularity != "selective":
+        raise ArgumentError("--recompute-modules needs --recompute-granularity selective")
     if args.clip_grad < 0:
         raise ArgumentError(f"--clip-grad must be >= 0, got {args.clip_grad}")
     if args.clip_grad_ema_decay is not None and not 0.0 < args.clip_grad_ema_decay < 1.0:
@@ -246,6 +256,9 @@ def validate_model_parallel(args: argparse.Namespace) -> None:
         except ValueError as exc:
             raise ArgumentError(f"--context-parallel-size {args.context_parallel_size}: {exc}") from exc
     pp = args.pipeline_model_parallel_size
+    if args.recompute_num_layers is not None and args.recompute_num_layers > cfg.num_blocks:
+        raise ArgumentError(f"--recompute-num-layers {args.recompute_num_layers} exceeds the model's "
+                            f"{cfg.num_blocks} blocks")
     if pp > cfg.num_blocks:
         raise ArgumentError(f"--pipeline-model-parallel-size {pp} exceeds the model's {cfg.num_blocks} blocks")
     if args.pipeline_layer_split is not None:

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def common(setup, iters: int) -> list[str]:
     return ["--data-config", str(setup.data_config), *setup.encoder_args(), "--train-iters", str(iters),
-            "--global-batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3", "--use-distributed-optimizer",
+            "--global-batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3",
+            "--lr-decay-style", "constant", "--log-interval", "1", "--use-distributed-optimizer",
             "--tensor-model-parallel-size", "2", "--distributed-timeout-minutes", "2"]
 
 

@@ -183,28 +183,39 @@ def test_mixed_precision_boundaries(tp1) -> None:
 
 
 def _count_calls(model: SUVMMDiT) -> dict[str, int]:
-    counts = {"attn": 0, "ff": 0}
+    """Forward calls of each block's attention module, its core attention (the layout + kernel) and FFN."""
+    counts = {"attn": 0, "core": 0, "ff": 0}
 
     def hook(name):
         def fn(*_):
             counts[name] += 1
         return fn
 
+    def counted(layout_fn):
+        def fn(*args, **kwargs):
+            counts["core"] += 1
+            return layout_fn(*args, **kwargs)
+        return fn
+
     for block in model.blocks:
         block.attn.register_forward_hook(hook("attn"))
+        block.attn.layout_fn = counted(block.attn.layout_fn)
         block.ff.register_forward_hook(hook("ff"))
     return counts
 
 
 @pytest.mark.parametrize(
-    ("flags", "attn_factor", "ff_factor"),
+    ("flags", "attn_factor", "core_factor", "ff_factor"),
     [
-        ({}, 1, 1),
-        ({"recompute_granularity": "selective"}, 1, 2),
-        ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}, 2, 2),
+        ({}, 1, 1, 1),
+        # Megatron's selective default: core attention only (TransformerConfig.recompute_modules = ["core_attn"])
+        ({"recompute_granularity": "selective"}, 1, 2, 1),
+        ({"recompute_granularity": "selective", "recompute_modules": ["mlp"]}, 1, 1, 2),
+        ({"recompute_granularity": "selective", "recompute_modules": ["core_attn", "mlp"]}, 1, 2, 2),
+        ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}, 2, 2, 2),
     ],
 )
-def test_recompute_flags_take_effect(tp1, flags, attn_factor, ff_factor) -> None:
+def test_recompute_flags_take_effect(tp1, flags, attn_factor, core_factor, ff_factor) -> None:
     """Forwards counted over one step: recomputed modules run twice; gradients are unchanged."""
     cfg = suv_config("small")
     plain, model = build(cfg), build(cfg, **flags)
@@ -213,7 +224,7 @@ def test_recompute_flags_take_effect(tp1, flags, attn_factor, ff_factor) -> None
     model(**inputs).square().mean().backward()
     plain(**inputs).square().mean().backward()
     blocks = cfg.num_blocks
-    assert counts == {"attn": attn_factor * blocks, "ff": ff_factor * blocks}
+    assert counts == {"attn": attn_factor * blocks, "core": core_factor * blocks, "ff": ff_factor * blocks}
     for (name, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
         if p.requires_grad:
             err, scale = (p.grad - q.grad).abs().max().item(), q.grad.abs().max().item()
@@ -225,7 +236,7 @@ def test_full_recompute_block_method_counts_first_layers(tp1) -> None:
     model = build(cfg, recompute_granularity="full", recompute_method="block", recompute_num_layers=3)
     counts = _count_calls(model)
     model(**_inputs(cfg)).sum().backward()
-    assert counts == {"attn": cfg.num_blocks + 3, "ff": cfg.num_blocks + 3}
+    assert counts == {"attn": cfg.num_blocks + 3, "core": cfg.num_blocks + 3, "ff": cfg.num_blocks + 3}
 
 
 def test_bad_inputs_fail_early(tp1) -> None:

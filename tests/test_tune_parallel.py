@@ -33,7 +33,8 @@ BIG = suv_config("osp-v1.5-8.5b")
 
 def _build(cfg, recompute: str, dtype=torch.bfloat16) -> SUVMMDiT:
     flags = {"full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-             "selective": dict(recompute_granularity="selective"), "none": {}}[recompute]
+             "selective": dict(recompute_granularity="selective", recompute_modules=["mlp"]),  # the FFN half
+             "none": {}}[recompute]
     return SUVMMDiT(cfg, megatron_config(cfg, params_dtype=dtype, use_cpu_initialization=True, **flags))
 
 
@@ -248,7 +249,8 @@ def _tp_memory_worker(recompute: str) -> tuple[int, float, int]:
     torch.manual_seed(0)
     cfg = suv_config("small", head_dim=32)
     flags = {"full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-             "selective": dict(recompute_granularity="selective"), "none": {}}[recompute]
+             "selective": dict(recompute_granularity="selective", recompute_modules=["mlp"]),  # the FFN half
+             "none": {}}[recompute]
     model = SUVMMDiT(cfg, megatron_config(cfg, tensor_model_parallel_size=2, sequence_parallel=True,
                                           params_dtype=torch.bfloat16, use_cpu_initialization=True, **flags))
     b, (t, h, w), text, dt = 2, (3, 6, 10), 7, torch.bfloat16

@@ -64,7 +64,7 @@ mv_launch() {
   (( TP > 1 )) && args+=(--sequence-parallel)
   case "${RECOMPUTE}" in
     full) args+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1) ;;
-    selective) args+=(--recompute-granularity selective) ;;
+    selective) args+=(--recompute-granularity selective --recompute-modules mlp) ;;
     none) ;;
     *) echo "RECOMPUTE must be none, selective or full, got '${RECOMPUTE}'" >&2; return 2 ;;
   esac

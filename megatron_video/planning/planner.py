@@ -154,7 +154,7 @@ def recompute_flags(mode: str) -> list[str]:
     if mode == "full":
         return ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     if mode == "selective":
-        return ["--recompute-granularity", "selective"]
+        return ["--recompute-granularity", "selective", "--recompute-modules", "mlp"]  # the FFN half
     return []
 
 

@@ -65,7 +65,7 @@ def build_denoiser(args: argparse.Namespace, model_config: Any) -> tuple[torch.n
         sequence_parallel=args.sequence_parallel,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=args.bf16, fp16=args.fp16,
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
+        recompute_num_layers=args.recompute_num_layers, recompute_modules=getattr(args, "recompute_modules", None),
         use_cpu_initialization=True,
     )
     return SUVMMDiT(model_config, config, stage), config

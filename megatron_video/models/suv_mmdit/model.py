@@ -124,6 +124,7 @@ class JointAttention(nn.Module):
         # kernel (`attn_fn`) are separate functions.
         self.layout_fn = joint_attention
         self.attn_fn = functools.partial(attention, backend=cfg.attention_backend)
+        self.recompute_core = False  # selective recompute of core attention (set by the model from the flags)
         # q/k/v of one stream share one gathered input (one all-gather instead of three under SP).
         local = without_sequence_parallel(config)
         col = functools.partial(ColumnParallelLinear, hidden, hidden, config=local, init_method=init, bias=True,
@@ -154,10 +155,13 @@ class JointAttention(nn.Module):
         v = self._heads(self.to_v, x)
         q_text = None if self.spec.context_pre_only else self.norm_added_q(self._heads(self.add_q, c))
         k_text, v_text = self.norm_added_k(self._heads(self.add_k, c)), self._heads(self.add_v, c)
-        out, out_text = self.layout_fn(
-            q, k, v, q_text, k_text, v_text, video_valid, text_valid,
-            k=self.spec.k, mode=self.spec.mode, scale=self.scale, attn_fn=self.attn_fn,
-        )
+        core = functools.partial(self.layout_fn, k=self.spec.k, mode=self.spec.mode, scale=self.scale,
+                                 attn_fn=self.attn_fn)
+        inputs = (q, k, v, q_text, k_text, v_text, video_valid, text_valid)
+        if self.recompute_core and torch.is_grad_enabled():
+            out, out_text = checkpoint(core, False, *inputs)
+        else:
+            out, out_text = core(*inputs)
         a = self.to_out(out.flatten(2))[0]
         a_text = self.to_add_out(out_text.flatten(2))[0] if out_text is not None else None
         return a, a_text
@@ -370,13 +374,16 @@ class SUVMMDiT(nn.Module):
 
     def _configure_recompute(self, config: ModelParallelConfig) -> set[int]:
         """Megatron flags: full (per block: uniform with 1 layer, or block with the first n layers) or
-        selective (the FFN half of every block, as the training fork did)."""
+        selective over `recompute_modules`: core_attn (Megatron's default: the attention kernel with its skiparse
+        layout) and/or mlp (the FFN half of every block, as the training fork did)."""
         granularity = getattr(config, "recompute_granularity", None)
         if granularity is None:
             return set()
         if granularity == "selective":
+            modules = getattr(config, "recompute_modules", None) or ["core_attn"]
             for block in self.blocks:
-                block.recompute_ffn = True
+                block.attn.recompute_core = "core_attn" in modules
+                block.recompute_ffn = "mlp" in modules
             return set()
         method, n = getattr(config, "recompute_method", None), getattr(config, "recompute_num_layers", None)
         indices = [block.spec.index for block in self.blocks]  # this stage's blocks

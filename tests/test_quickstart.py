@@ -21,7 +21,7 @@ def test_quickstart_script(tmp_path: Path):
                           capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    iterations = [int(i) for i in re.findall(r"^iteration\s+(\d+)/", out, re.M)]
+    iterations = [int(i) for i in re.findall(r"\] iteration\s+(\d+)/", out)]
     assert iterations == [1, 2, 3, 4, 1], out[-3000:]  # train 2, resume to 4, one step from the export
     assert "loaded" in out and "(full state)" in out and "(weights only)" in out
     released = tmp_path / "qs" / "released"

@@ -18,7 +18,8 @@ from megatron_video.parallel.spawn import free_port
 from tests.data_fixtures import make_sample_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-ITERATION_LINE = re.compile(r"^iteration\s+(\d+)/\d+ \| loss ([0-9.e+-]+)", re.M)
+# the console line of one iteration (docs: megatron_video/training/logger.py), logged every iteration here
+ITERATION_LINE = re.compile(r"\] iteration\s+(\d+)/\s*\d+ \|.*?\| loss: ([^ |]+) \|", re.M)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ def torchrun_command(nproc: int, *args: str) -> list[str]:
 def train_args(setup: TrainingSetup, iters: int, *extra: str, gbs: int = 4) -> list[str]:
     return ["--model-config", str(setup.model_config), "--data-config", str(setup.data_config),
             "--train-iters", str(iters), "--global-batch-size", str(gbs), "--micro-batch-size", "1",
-            "--lr", "1e-3", "--use-distributed-optimizer", "--distributed-timeout-minutes", "1", *extra]
+            "--lr", "1e-3", "--lr-decay-style", "constant", "--log-interval", "1", "--use-distributed-optimizer",
+            "--distributed-timeout-minutes", "1", *extra]
 
 
 def run_training(nproc: int, args: list[str], timeout: float = 300) -> tuple[int, str]:

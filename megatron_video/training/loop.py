@@ -233,7 +233,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
     encode = BatchEncoder(args, device)
     objective = build_objective(args.objective)
     state = TrainState()
-    log = TrainLogger(args.train_iters, args.tensorboard_dir, args.log_interval)
+    log = TrainLogger(args.train_iters, args.tensorboard_dir, args.log_interval, args.global_batch_size, args)
     preemption = Preemption()
 
     def save(iteration: int) -> None:
@@ -306,7 +306,9 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
             "skipped_batches": float(data.sampler.skipped_batches),
             "mem_gib": backend.max_memory_allocated() / 2**30,
         }
-        scalars["mfu"] = scalars["tflops_per_device"] / args.peak_tflops if args.peak_tflops else 0.0
+        if args.peak_tflops:  # MFU only when the peak is known (no column otherwise)
+            scalars["mfu"] = 100.0 * scalars["tflops_per_device"] / args.peak_tflops
+        scalars["iteration_ms"], scalars["consumed_samples"] = 1000.0 * elapsed, float(state.consumed_samples)
         log.log(state.iteration, scalars, extra="EXTREME step skipped" if record.extreme else "")
         due = args.save and args.save_interval and state.iteration % args.save_interval == 0
         preempted = preemption.agreed(device)

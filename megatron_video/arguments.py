@@ -232,7 +232,12 @@ def parse_args(
     parser = build_parser()
     if extra_args is not None:
         extra_args(parser)
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    from megatron_video.adaptor.startup import unknown_flags
+
+    args.mindspeed_flags, rejected = unknown_flags(extras, args.device)  # read by MindSpeed from sys.argv
+    if rejected:
+        parser.error(f"unrecognized arguments: {' '.join(rejected)}")
     world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     # paths first, so a missing file is named before its contents are parsed
     validate_args(args, world_size)

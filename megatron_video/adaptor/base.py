@@ -80,6 +80,11 @@ def setup_device(name: str | None = None) -> DeviceBackend:
     return _ACTIVE
 
 
+def active_backend() -> DeviceBackend | None:
+    """The backend chosen by `setup_device`, or None before it ran."""
+    return _ACTIVE
+
+
 def current_backend() -> DeviceBackend:
     """The backend chosen by `setup_device` (sets up the default one if none was chosen yet)."""
     return _ACTIVE if _ACTIVE is not None else setup_device()

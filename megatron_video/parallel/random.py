@@ -20,3 +20,9 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def seed_model_part(seed: int, part: int) -> None:
+    """Reseed the default generators of the host and of every device so the parameters built next depend only on
+    (seed, part), not on which pipeline stage builds them or what it built before."""
+    torch.manual_seed(seed * 1000 + part)

@@ -17,10 +17,23 @@ import torch
 import torch.distributed as dist
 
 
-def _check(tp: int, cp: int, pp: int) -> dict:
+def tp_probe_layers(tp: int, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A column- and a row-parallel linear layer (16 -> 32 -> 16) on `device`, the input's device. megatron-core
+    allocates them on the host with CPU initialisation, so they are moved; the check overwrites the weights."""
     from megatron.core import ModelParallelConfig
-    from megatron.core import parallel_state as mpu
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    config = ModelParallelConfig(tensor_model_parallel_size=tp, params_dtype=torch.float32,
+                                 use_cpu_initialization=True)
+    col = ColumnParallelLinear(16, 32, config=config, init_method=torch.nn.init.normal_, bias=False,
+                               gather_output=False)
+    row = RowParallelLinear(32, 16, config=config, init_method=torch.nn.init.normal_, bias=False,
+                            input_is_parallel=True, skip_bias_add=True)
+    return col.to(device), row.to(device)
+
+
+def _check(tp: int, cp: int, pp: int) -> dict:
+    from megatron.core import parallel_state as mpu
 
     from megatron_video.parallel.initialize import initialize_parallel, local_device, parallel_layout
     from megatron_video.parallel.random import set_seed
@@ -40,24 +53,23 @@ def _check(tp: int, cp: int, pp: int) -> dict:
         if int(value.item()) != dist.get_world_size(group):
             problems.append(f"all-reduce over {name} gave {value.item()}, expected {dist.get_world_size(group)}")
 
-    config = ModelParallelConfig(tensor_model_parallel_size=tp, params_dtype=torch.float32,
-                                 use_cpu_initialization=True)
-    col = ColumnParallelLinear(16, 32, config=config, init_method=torch.nn.init.normal_, bias=False,
-                               gather_output=False)
-    row = RowParallelLinear(32, 16, config=config, init_method=torch.nn.init.normal_, bias=False,
-                            input_is_parallel=True, skip_bias_add=True)
-    generator = torch.Generator().manual_seed(0)
-    w1 = torch.randn(32, 16, generator=generator)
-    w2 = torch.randn(16, 32, generator=generator)
-    x = torch.randn(4, 2, 16, generator=generator)
-    rank = mpu.get_tensor_model_parallel_rank()
-    with torch.no_grad():
-        col.weight.copy_(w1.chunk(tp, 0)[rank])
-        row.weight.copy_(w2.chunk(tp, 1)[rank])
-        out, _ = row(col(x.to(device))[0])
-    err = (out.cpu() - x @ w1.T @ w2.T).abs().max().item()
-    if err > 1e-3:
-        problems.append(f"TP column->row matmul differs from the unsplit one by {err:.3g}")
+    col, row = tp_probe_layers(tp, device)
+    misplaced = sorted({str(p.device) for p in [*col.parameters(), *row.parameters()]} - {str(device)})
+    if misplaced:  # a matmul across devices would raise; name the cause instead
+        problems.append(f"TP layer parameters on {', '.join(misplaced)} while the input is on {device}")
+    else:
+        generator = torch.Generator().manual_seed(0)
+        w1 = torch.randn(32, 16, generator=generator)
+        w2 = torch.randn(16, 32, generator=generator)
+        x = torch.randn(4, 2, 16, generator=generator)
+        rank = mpu.get_tensor_model_parallel_rank()
+        with torch.no_grad():
+            col.weight.copy_(w1.chunk(tp, 0)[rank])
+            row.weight.copy_(w2.chunk(tp, 1)[rank])
+            out, _ = row(col(x.to(device))[0])
+        err = (out.cpu() - x @ w1.T @ w2.T).abs().max().item()
+        if err > 1e-3:
+            problems.append(f"TP column->row matmul differs from the unsplit one by {err:.3g}")
     layout["problems"] = problems
     return layout
 

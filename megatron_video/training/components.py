@@ -48,11 +48,16 @@ def optimizer_options(args: argparse.Namespace) -> OptimizerOptions:
 
 
 def build_denoiser(args: argparse.Namespace, model_config: Any) -> tuple[torch.nn.Module, Any]:
+    """The denoiser, allocated and initialised on this rank's device. Initial values depend on --seed only, not
+    on the TP/CP/PP layout: megatron's master-weight initialisation (`use_cpu_initialization`: draw the whole
+    weight, keep this rank's slice) runs on the device here, as the default device, and every block is seeded
+    by its index. (megatron's on-device path draws each TP slice from a TP-rank seed: different per layout.)"""
     from megatron.core import parallel_state as mpu
 
     from megatron_video.models.suv_mmdit.config import megatron_config
     from megatron_video.models.suv_mmdit.model import SUVMMDiT
     from megatron_video.models.suv_mmdit.pipeline import stage_of
+    from megatron_video.parallel.initialize import local_device
 
     dtype = params_dtype(args)
     split = [int(n) for n in args.pipeline_layer_split.split(",")] if args.pipeline_layer_split else None
@@ -68,7 +73,8 @@ def build_denoiser(args: argparse.Namespace, model_config: Any) -> tuple[torch.n
         recompute_num_layers=args.recompute_num_layers, recompute_modules=getattr(args, "recompute_modules", None),
         use_cpu_initialization=True,
     )
-    return SUVMMDiT(model_config, config, stage), config
+    with torch.device(local_device()):
+        return SUVMMDiT(model_config, config, stage, init_seed=args.seed), config
 
 
 def materialize_optimizer_state(optimizer: Any) -> None:

@@ -70,7 +70,9 @@ def _forever(loader: Any) -> Iterator[dict[str, Any]]:
 
 
 def _mean_over(value: float, group: Any, device: torch.device) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    # float32: MindSpeed reduces a float64 tensor as a float32 copy and never writes back into the caller's
+    # tensor (mindspeed/core/megatron_basic/requirements_basic.py, core_r0.16.0), so a float64 sum stays local
+    tensor = torch.tensor([value], dtype=torch.float32, device=device)
     dist.all_reduce(tensor, group=group)
     return tensor.item() / dist.get_world_size(group)
 
@@ -198,6 +200,9 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
     """`setup(args, components, encoder)`, if given, runs once before resuming (e.g. to initialise weights) and
     may return `condition(micro_batch, iteration, consumed_samples)`, applied to every encoded micro-batch
     once its "positions" are set (pretrain_i2v.py adds the inpainting masks and conditioning this way)."""
+    from megatron_video.adaptor.startup import setup_device_from_argv
+
+    setup_device_from_argv(argv)  # before megatron is imported (MindSpeed patches it on import); idempotent
     from megatron.core import parallel_state as mpu
 
     from megatron_video.arguments import parse_args

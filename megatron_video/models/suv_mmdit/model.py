@@ -333,8 +333,13 @@ class SUVMMDiT(nn.Module):
     next stage, and a stage that is not first reads its input from `set_input_tensor` (megatron's schedules
     call it right before each forward)."""
 
-    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig, stage: PipelineStage | None = None) -> None:
+    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig, stage: PipelineStage | None = None,
+                 init_seed: int | None = None) -> None:
+        """`init_seed`: reseed before each part (embeddings, every block, final layer), so a part starts from the
+        same values whichever pipeline stage builds it; None draws from the generators as they are."""
         from megatron.core.enums import ModelType
+
+        from megatron_video.parallel.random import seed_model_part
 
         super().__init__()
         tp = tp_world_size()
@@ -351,13 +356,20 @@ class SUVMMDiT(nn.Module):
         self.share_embeddings_and_output_weights = False  # nothing is tied across pipeline stages
         self.input_tensor: Tensor | None = None
         dtype = config.params_dtype
+        part = functools.partial(seed_model_part, init_seed) if init_seed is not None else lambda index: None
         if self.pre_process:
+            part(0)
             self.patch_embed = PatchEmbed(cfg, dtype)
             self.time_text_embed = TimeTextEmbed(cfg, dtype)
             self.caption_projection = nn.Linear(cfg.caption_channels, cfg.hidden_size, dtype=dtype)
         specs = cfg.block_specs()
-        self.blocks = BlockStack([SUVBlock(cfg, config, specs[i]) for i in self.stage.blocks])
+        blocks = []
+        for i in self.stage.blocks:
+            part(1 + i)
+            blocks.append(SUVBlock(cfg, config, specs[i]))
+        self.blocks = BlockStack(blocks)
         if self.post_process:
+            part(1 + cfg.num_blocks)
             self.final = FinalLayer(cfg, config)
         self.recompute_blocks = self._configure_recompute(config)
         from megatron_video.parallel.context_parallel import attach_context_parallel  # (import cycle)

@@ -7,7 +7,10 @@ See `python pretrain_t2v.py --help` and examples/ for launch scripts.
 
 import sys
 
-from megatron_video.training.loop import pretrain
+from megatron_video.training.preflight import preflight
 
 if __name__ == "__main__":
+    preflight(sys.argv[1:])  # one clear error (exit 2) before anything heavy; --help without importing megatron
+    from megatron_video.training.loop import pretrain
+
     sys.exit(pretrain(sys.argv[1:]))

@@ -11,15 +11,19 @@ import sys
 from pathlib import Path
 
 from megatron_video.adaptor.startup import setup_device_from_argv
+from megatron_video.training.preflight import preflight
 
 
 def main(argv: list[str]) -> int:
     setup_device_from_argv(argv)  # first: on Ascend, MindSpeed patches megatron when it is imported
+    from megatron_video.inpaint.training import add_i2v_args
+
+    preflight(argv, add_i2v_args)  # one clear error (exit 2) before anything heavy
     from megatron_video.configfile import from_mapping, read_mapping
     from megatron_video.data.config import DataConfig
     from megatron_video.inpaint.conditioning import i2v_inputs
     from megatron_video.inpaint.config import load_inpaint_config
-    from megatron_video.inpaint.training import add_i2v_args, check_i2v_configs, i2v_setup
+    from megatron_video.inpaint.training import check_i2v_configs, i2v_setup
     from megatron_video.models.registry import model_config_from_mapping
     from megatron_video.training.loop import pretrain
 

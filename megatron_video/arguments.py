@@ -8,6 +8,7 @@ namespace with `model_config` / `data_config` attached as typed dataclasses; `va
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,8 +29,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class SuggestingParser(argparse.ArgumentParser):
+    """An unknown flag is answered with the closest known ones ("did you mean ...")."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            known = [o for action in self._actions for o in action.option_strings]
+            hints = []
+            for word in message[len(prefix):].split():
+                close = difflib.get_close_matches(word.split("=")[0], known, n=1) if word.startswith("-") else []
+                if close:
+                    hints.append(f"{word}: did you mean {' or '.join(close)}?")
+            message = "; ".join([message, *hints])
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")  # the message alone, not the long usage
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         description="megatron-video training", allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -42,22 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="collective timeout; a dead rank makes the job fail within it")
 
     g = parser.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1)
-    g.add_argument("--context-parallel-size", type=_positive_int, default=1)
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=_positive_int, default=None)
+    g.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1,
+                   help="tensor-parallel group size (attention heads and FFN split over it)")
+    g.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1,
+                   help="pipeline stages (the U-shaped block sequence split over them)")
+    g.add_argument("--context-parallel-size", type=_positive_int, default=1,
+                   help="context-parallel group size (the video token sequence split over it)")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=_positive_int, default=None,
+                   help="interleaved pipeline stages (not wired into the training loop yet: rejected)")
     g.add_argument("--pipeline-layer-split", type=str, default=None,
                    help="explicit blocks per pipeline stage, e.g. 8,8,8,8")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="Megatron sequence parallel inside the tensor-parallel group")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the optimizer state over the data-parallel group (ZeRO-1)")
 
     g = parser.add_argument_group("model and data")
     g.add_argument("--model-config", type=str, default=None, help="JSON/YAML model config (may name a preset)")
     g.add_argument("--data-config", type=str, default=None, help="JSON/YAML data config")
 
     g = parser.add_argument_group("diffusion and encoders")
-    g.add_argument("--objective", choices=("rectified_flow", "v_prediction"), default="rectified_flow")
+    g.add_argument("--objective", choices=("rectified_flow", "v_prediction"), default="rectified_flow",
+                   help="diffusion training objective")
     g.add_argument("--vae-path", type=str, default=None, help="WF-VAE checkpoint (online encoding)")
     g.add_argument("--vae-config", type=str, default=None, help="WF-VAE config JSON (default: the released one)")
     g.add_argument("--vae-chunk-size", type=int, default=None, help="causal-cache tiling chunk (latent frames)")
@@ -67,22 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-device peak for MFU (H100 bf16 989, Ascend 910B fp16 ~313); 0 = not logged")
 
     g = parser.add_argument_group("batch and schedule")
-    g.add_argument("--micro-batch-size", type=_positive_int, default=1)
+    g.add_argument("--micro-batch-size", type=_positive_int, default=1, help="samples per device per micro-batch")
     g.add_argument("--global-batch-size", type=_positive_int, default=None,
                    help="default: micro batch x data-parallel size (no gradient accumulation)")
-    g.add_argument("--train-iters", type=_positive_int, default=None)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--train-iters", type=_positive_int, default=None, help="total iterations (global batches)")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
     g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root"),
                    default="linear", help="as Megatron-LM (default linear, over --lr-decay-iters or --train-iters)")
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="iterations of linear warm-up from 0")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="iterations of decay (default: --train-iters)")
 
     g = parser.add_argument_group("optimizer")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (Megatron's default)")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon (Megatron's default)")
     g.add_argument("--clip-grad", type=float, default=1.0, help="fixed max grad norm (0 disables)")
     g.add_argument("--clip-grad-ema-decay", type=float, default=None,
                    help="adaptive EMA-3sigma clipping with this decay (v1.5 uses 0.99); replaces --clip-grad")
@@ -94,28 +117,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("precision and memory")
     precision = g.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="store_true")
-    precision.add_argument("--fp16", action="store_true")
-    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
-    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
-    g.add_argument("--recompute-num-layers", type=_positive_int, default=None)
+    precision.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (fp32 main weights)")
+    precision.add_argument("--fp16", action="store_true", help="float16 mixed precision with loss scaling")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
+                   help="activation recomputation: whole blocks (full) or parts of them (selective)")
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None,
+                   help="with full recomputation: which blocks are recomputed")
+    g.add_argument("--recompute-num-layers", type=_positive_int, default=None,
+                   help="with full recomputation: blocks per recomputed chunk (uniform) or per stage (block)")
     g.add_argument("--recompute-modules", nargs="+", choices=("core_attn", "mlp"), default=None,
                    help="with --recompute-granularity selective: core_attn (Megatron's default) and/or mlp (the FFN "
                         "half of every block, the Open-Sora Plan training fork's choice)")
 
     g = parser.add_argument_group("checkpointing and logging")
-    g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--save", type=str, default=None)
-    g.add_argument("--load", type=str, default=None)
+    g.add_argument("--seed", type=int, default=1234, help="random seed (weights, noise, data order)")
+    g.add_argument("--save", type=str, default=None, help="checkpoint directory to write")
+    g.add_argument("--load", type=str, default=None,
+                   help="checkpoint directory to resume from (its latest checkpoint); the same directory as "
+                        "--save may be empty: the first run then starts from scratch")
+    g.add_argument("--overwrite-newer-checkpoints", action="store_true",
+                   help="allow a run to publish checkpoints into a --save that holds newer ones than it starts "
+                        "from (refused otherwise: it would replace newer work)")
     g.add_argument("--finetune", action="store_true",
                    help="load only the weights from --load and start at iteration 0 (e.g. imported released weights)")
     g.add_argument("--no-load-optim", action="store_true",
                    help="load weights and counters from --load but not the optimizer / EMA / clip state")
-    g.add_argument("--save-interval", type=_positive_int, default=None)
-    g.add_argument("--keep-last-checkpoints", type=_positive_int, default=None)
+    g.add_argument("--save-interval", type=_positive_int, default=None, help="iterations between checkpoints")
+    g.add_argument("--keep-last-checkpoints", type=_positive_int, default=None,
+                   help="delete all but this many newest checkpoints (default: keep all)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit once this many minutes of wall time have passed since the start")
     g.add_argument("--log-interval", type=_positive_int, default=100,
                    help="iterations per console line; its values are averaged over the interval (as Megatron-LM)")
-    g.add_argument("--tensorboard-dir", type=str, default=None)
+    g.add_argument("--tensorboard-dir", type=str, default=None, help="TensorBoard event directory")
     return parser
 
 
@@ -195,8 +229,6 @@ def validate_args(args: argparse.Namespace, world_size: int, num_heads: int | No
         value = getattr(args, flag)
         if value is not None and not Path(value).is_dir():
             raise ArgumentError(f"--{flag.replace('_', '-')}: directory not found: {value}")
-    if args.load is not None and not Path(args.load).is_dir():
-        raise ArgumentError(f"--load: checkpoint directory not found: {args.load}")
     if args.num_layers_per_virtual_pipeline_stage is not None:
         raise ArgumentError("--num-layers-per-virtual-pipeline-stage: interleaved pipeline stages are not wired into "
                             "the training loop yet (the schedule is: megatron_video/parallel/pipeline.py)")
@@ -219,6 +251,8 @@ def validate_args(args: argparse.Namespace, world_size: int, num_heads: int | No
         raise ArgumentError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.min_lr > args.lr:
         raise ArgumentError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
+        raise ArgumentError(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save")
 

@@ -31,11 +31,15 @@ def preparse_device(argv: Sequence[str] | None = None) -> str | None:
     return known.device if known.device in DEVICES else None
 
 
-def setup_device_from_argv(argv: Sequence[str] | None = None) -> DeviceBackend:
+def setup_device_from_argv(argv: Sequence[str] | None = None) -> DeviceBackend | None:
     """Set up the device backend named by `--device` (default: detected) before any megatron import.
-    A device that cannot be used ends the process with one message (from rank 0) and exit code 2."""
+    A device that cannot be used ends the process with one message (from rank 0) and exit code 2.
+    `--help` needs no device (and stays fast): nothing is set up and None is returned."""
     from megatron_video.adaptor.base import active_backend, setup_device
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        return None
     name = preparse_device(argv)
     if name is None and active_backend() is not None:
         return active_backend()

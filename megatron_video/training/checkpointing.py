@@ -140,8 +140,34 @@ def fresh_tmp_dir(root: Path, iteration: int) -> Path:
     return tmp
 
 
-def publish_checkpoint(root: Path, iteration: int, tmp: Path) -> Path:
+def published_iterations(root: Path) -> list[int]:
+    """Iterations with a published `iter_XXXXXXX/` directory (never a `.tmp` one), ascending."""
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _ITER_DIR.match(p.name)))
+
+
+def newest_iteration(root: Path) -> int | None:
+    """The newest published iteration, whether or not the tracker names it (a tracker moved back by an
+    earlier run must not hide a newer checkpoint); None when there is none."""
+    tracker = root / TRACKER
+    tracked = tracker.read_text().strip() if tracker.is_file() else ""
+    return max(published_iterations(root) + ([int(tracked)] if tracked.isdigit() else []), default=None)
+
+
+def refuse_newer(root: Path, iteration: int) -> None:
+    """Never publish `iteration` where a newer checkpoint exists: the tracker would move backwards and newer
+    work be overwritten later (the last line of defence; runs are refused earlier, in training/preflight.py)."""
+    newest = newest_iteration(root)
+    if newest is not None and newest > iteration:
+        raise CheckpointError(f"refusing to publish iteration {iteration} in {root}: it holds iteration {newest}, "
+                              "newer (--overwrite-newer-checkpoints allows it)")
+
+
+def publish_checkpoint(root: Path, iteration: int, tmp: Path, overwrite_newer: bool = False) -> Path:
     """Rename a finished `tmp` to `iter_XXXXXXX/` and point the tracker at it (atomic renames, fsynced)."""
+    if not overwrite_newer:
+        refuse_newer(root, iteration)
     final = iteration_dir(root, iteration)
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same iteration (e.g. SIGTERM right after a periodic save)
@@ -158,6 +184,7 @@ def save_checkpoint(
     sharded_state: dict[str, Any],
     common_state: dict[str, Any],
     keep_last: int | None = None,
+    overwrite_newer: bool = False,
 ) -> Path:
     """Save one iteration atomically. `sharded_state` maps top-level names (model, optimizer, ema, ...) to
     sharded state dicts; `common_state` holds plain values saved once (iteration, counters, sampler, ...)."""
@@ -165,6 +192,8 @@ def save_checkpoint(
 
     root = Path(root)
     tmp = tmp_dir(root, iteration)
+    if not overwrite_newer:  # on every rank, before writing: one rank refusing alone would hang the others
+        refuse_newer(root, iteration)
     if _is_rank0():
         fresh_tmp_dir(root, iteration)
     _barrier()
@@ -174,7 +203,7 @@ def save_checkpoint(
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _is_rank0():
-        publish_checkpoint(root, iteration, tmp)
+        publish_checkpoint(root, iteration, tmp, overwrite_newer)
         if keep_last is not None:
             prune_checkpoints(root, keep_last)
     _barrier()

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from megatron_video.optim.extreme_log import ExtremeStepLog, gather_sample_ids
 from megatron_video.training.checkpointing import load_checkpoint, model_sharded_state_dict, save_checkpoint
+from megatron_video.training.save_dir import resume_iteration, write_model_config
 
 EXTREME_LOG = "extreme_batches.jsonl"
 # Canonical per-parameter optimizer state: loads at any TP / PP / DP (megatron 0.16 dropped flattened ranges).
@@ -48,19 +49,31 @@ class TrainState:
 
 
 class Preemption:
-    """SIGTERM (a scheduler preempting the job) asks the loop to save and exit cleanly at the next step end."""
+    """SIGTERM (a scheduler preempting the job) or SIGUSR1 (Slurm's `--signal` warning before the time limit)
+    asks the loop to save and exit cleanly at the next step end; so does `--exit-duration-in-mins` (Megatron's
+    meaning: minutes of wall time since the start)."""
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+    def __init__(self, exit_duration_mins: float | None = None) -> None:
+        self.reason: str | None = None
+        self._deadline = None if exit_duration_mins is None else time.monotonic() + 60.0 * exit_duration_mins
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
+        self.reason = signal.Signals(signum).name
 
     def agreed(self, device: torch.device) -> bool:
-        """True on every rank as soon as any rank got the signal."""
+        """True on every rank as soon as any rank got the signal or passed the deadline."""
+        if self.reason is None and self._deadline is not None and time.monotonic() >= self._deadline:
+            self.reason = "--exit-duration-in-mins"
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and self.reason is None:
+            self.reason = "another rank's signal"
         return bool(flag.item() > 0)
 
 
@@ -239,7 +252,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
     objective = build_objective(args.objective)
     state = TrainState()
     log = TrainLogger(args.train_iters, args.tensorboard_dir, args.log_interval, args.global_batch_size, args)
-    preemption = Preemption()
+    preemption = Preemption(args.exit_duration_in_mins)
 
     def save(iteration: int) -> None:
         common = {
@@ -251,11 +264,15 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         }
         started = time.monotonic()
         path = save_checkpoint(args.save, iteration, checkpoint_sharded_state(parts, loading=False), common,
-                               args.keep_last_checkpoints)
+                               args.keep_last_checkpoints, args.overwrite_newer_checkpoints)
+        if dist.get_rank() == 0:  # read by the next run's preflight, before it builds anything
+            write_model_config(path, args.model_config)
         log.info("saved checkpoint %s in %.1f s", path, time.monotonic() - started)
 
     condition = setup(args, parts, encode) if setup is not None else None
-    if args.load:
+    if args.load and resume_iteration(args.load) is None:  # --load = --save on a job's first run (preflight.py)
+        log.info("no checkpoint in --load %s yet: starting from scratch", args.load)
+    elif args.load:
         resume(args, parts, data, state, log)
     # extreme batches recorded by any earlier run of this job, even after the checkpoint it resumes from
     on_disk = set(_extreme_ids_on_disk(args.load)) | set(_extreme_ids_on_disk(args.save))
@@ -320,8 +337,8 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         if args.save and (due or preempted or state.iteration == args.train_iters):
             save(state.iteration)
         if preempted:
-            log.info("SIGTERM: %s at iteration %d, exiting", "saved" if args.save else "no --save, not saved",
-                     state.iteration)
+            log.info("%s: %s at iteration %d, exiting", preemption.reason,
+                     "saved" if args.save else "no --save, not saved", state.iteration)
             break
     log.close()
     return 0

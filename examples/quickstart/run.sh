@@ -35,7 +35,8 @@ echo "cache_path: $OUT/cache" >> "$OUT/data.yaml"
 COMMON=(-m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29517}" pretrain_t2v.py
         --device cpu --tensor-model-parallel-size "$TP" --use-distributed-optimizer
         --model-config examples/quickstart/model.yaml --data-config "$OUT/data.yaml"
-        --global-batch-size 4 --micro-batch-size 1 --lr 1e-3 --clip-grad 1.0)
+        --global-batch-size 4 --micro-batch-size 1 --lr 1e-3
+        --clip-grad-ema-decay 0.99)  # v1.5 adaptive EMA-3sigma clip; its first 10 steps seed the statistics
 TRAIN=("${COMMON[@]}" --save "$OUT/checkpoints" --save-interval "$HALF" --tensorboard-dir "$OUT/tensorboard")
 
 echo "== 3/6 train $HALF iterations (TP=$TP x DP=$((NPROC / TP)) on $NPROC CPU ranks)"

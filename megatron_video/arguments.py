@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0, help="fixed max grad norm (0 disables)")
     g.add_argument("--clip-grad-ema-decay", type=float, default=None,
                    help="adaptive EMA-3sigma clipping with this decay (v1.5 uses 0.99); replaces --clip-grad")
+    g.add_argument("--clip-grad-ema-warmup-steps", type=int, default=10,
+                   help="adaptive clipping: the first N steps seed the statistics (clipped, never extreme); "
+                        "0 = the v1.5 first-step rule")
     g.add_argument("--clip-grad-rank-discard", action="store_true",
                    help="v1.3 per-rank discard: anomalous DP ranks drop their gradient (EMA of the max norm)")
     g.add_argument("--max-consecutive-extreme-steps", type=_positive_int, default=10,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import statistics
 from types import SimpleNamespace
 
 import pytest
@@ -19,18 +20,21 @@ from megatron_video.optim import (
 from tests.harness import run_distributed
 
 
+REFERENCE = EmaClipConfig(warmup_steps=0)  # the v1.5 rule exactly (no warm-up)
+
+
 def test_first_step_rule():
-    c = EmaThresholdClipper()
+    c = EmaThresholdClipper(REFERENCE)
     d = c.decide(0.2)
     assert (c.mu, c.var) == (pytest.approx(0.6), 0.0)  # μ = min(3g, 1)
     assert not d.clipped and not d.extreme and d.scale == 1.0 and d.threshold == math.inf
-    c2 = EmaThresholdClipper()
+    c2 = EmaThresholdClipper(REFERENCE)
     d2 = c2.decide(50.0)  # no statistics yet: a large first norm is not extreme, μ is capped at 1
     assert not d2.extreme and not d2.clipped and c2.mu == 1.0
 
 
 def test_ema_rule_by_hand():
-    c = EmaThresholdClipper(EmaClipConfig(decay=0.99))
+    c = EmaThresholdClipper(EmaClipConfig(decay=0.99, warmup_steps=0))
     c.decide(0.2)
     mu, var = 0.6, 0.0
     # below the threshold: μ moves first, then var uses the *updated* μ
@@ -57,7 +61,7 @@ def test_ema_rule_by_hand():
 
 
 def test_non_finite_is_extreme_and_too_many_stop():
-    c = EmaThresholdClipper(EmaClipConfig(max_consecutive_extreme=3))
+    c = EmaThresholdClipper(EmaClipConfig(max_consecutive_extreme=3, warmup_steps=0))
     assert c.decide(float("nan")).extreme  # even on the first step
     assert c.mu is None
     c.decide(0.1)
@@ -69,23 +73,71 @@ def test_non_finite_is_extreme_and_too_many_stop():
     assert c.extreme_count == 4
 
 
-def test_state_round_trip_continues_identically():
-    norms = [0.3, 0.25, 0.28, 0.9, 0.27, 30.0, 0.26, 0.31, 0.7, 0.29]
-    a = EmaThresholdClipper(EmaClipConfig(decay=0.9))
-    for g in norms[:5]:
+@pytest.mark.parametrize("warmup,stop", [(0, 5), (4, 2), (4, 6)], ids=["reference", "mid-warmup", "after"])
+def test_state_round_trip_continues_identically(warmup: int, stop: int):
+    norms = [0.3, 0.25, 0.28, 0.9, 0.27, 30.0, 0.26, 0.31, 0.7, 0.29, 0.3, 0.28]
+    config = EmaClipConfig(decay=0.9, warmup_steps=warmup)
+    a = EmaThresholdClipper(config)
+    for g in norms[:stop]:
         a.decide(g)
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     buf.seek(0)
-    b = EmaThresholdClipper(EmaClipConfig(decay=0.9))
+    b = EmaThresholdClipper(config)
     b.load_state_dict(torch.load(buf, weights_only=True))
     assert b.state_dict() == a.state_dict()
-    for g in norms[5:]:
-        assert a.decide(g) == b.decide(g)
+    decisions = [a.decide(g) for g in norms[stop:]]
+    assert decisions == [b.decide(g) for g in norms[stop:]]
+    assert any(d.extreme for d in decisions) or stop > 5  # the 30.0 spike after the warm-up is extreme
     with pytest.raises(KeyError, match="missing"):
         b.load_state_dict({"mu": 1.0})
     with pytest.raises(ValueError, match="invalid"):
         b.load_state_dict({**a.state_dict(), "var": -1.0})
+
+
+# the small preset's first gradient norms (pretrain_t2v.py, tests/training_fixtures.py set-up, lr 1e-3)
+SMALL_PRESET_NORMS = [6.6878, 8.0897, 9.2416, 7.6224, 5.8163, 6.8353, 6.6220, 7.4476, 7.9406, 5.6099, 6.635]
+
+
+def test_reference_rule_kills_the_small_preset():
+    """Issue 20 item 7, as it was: μ = min(3g, 1) puts the extreme bound at 5, every later step is extreme."""
+    c = EmaThresholdClipper(EmaClipConfig(warmup_steps=0))
+    c.decide(SMALL_PRESET_NORMS[0])
+    with pytest.raises(TooManyExtremeStepsError, match="10 consecutive"):
+        for g in SMALL_PRESET_NORMS[1:]:
+            assert c.decide(g).extreme
+
+
+def test_warmup_seeds_the_statistics_clips_and_is_never_extreme():
+    c = EmaThresholdClipper(EmaClipConfig(warmup_steps=10))
+    first = c.decide(SMALL_PRESET_NORMS[0])
+    assert not first.clipped and first.threshold == math.inf
+    second = c.decide(SMALL_PRESET_NORMS[1])  # above the single norm seen so far: clipped, not extreme
+    assert second.clipped and second.threshold == pytest.approx(SMALL_PRESET_NORMS[0])
+    assert c.decide(float("nan")).extreme  # non-finite is extreme even in the warm-up ...
+    assert c.warmup_seen == 2  # ... and stays out of the statistics
+    decisions = [c.decide(g) for g in SMALL_PRESET_NORMS[2:10]]
+    assert not any(d.extreme for d in decisions) and c.warmup_seen == 10
+    warm = SMALL_PRESET_NORMS[:10]
+    assert c.mu == pytest.approx(statistics.fmean(warm), rel=1e-12)
+    assert c.var == pytest.approx(statistics.pvariance(warm), rel=1e-9)
+    # after the warm-up the v1.5 rule runs from these statistics: the next norms train, a spike is extreme
+    thr = c.mu + 3 * math.sqrt(c.var)
+    d = c.decide(SMALL_PRESET_NORMS[10])
+    assert d.threshold == pytest.approx(thr) and not d.clipped and not d.extreme and d.scale == 1.0
+    assert c.decide(c.mu + 6 * math.sqrt(c.var) + 5).extreme
+
+
+def test_version_1_state_loads_as_warmed_up():
+    c = EmaThresholdClipper(EmaClipConfig(warmup_steps=10))
+    c.load_state_dict({"version": 1, "mu": 0.5, "var": 0.01, "steps": 3, "extreme_count": 0,
+                       "consecutive_extreme": 0})
+    assert not c.warming_up and c.extreme_threshold() == 5.0
+    c.load_state_dict({"version": 1, "mu": None, "var": 0.0, "steps": 0, "extreme_count": 0,
+                       "consecutive_extreme": 0})
+    assert c.warming_up
+    with pytest.raises(KeyError, match="warmup_seen"):
+        c.load_state_dict({k: v for k, v in c.state_dict().items() if k != "warmup_seen"})
 
 
 class _FakeMegatronOptimizer:
@@ -119,7 +171,7 @@ def _set_grad(p: torch.nn.Parameter, direction: torch.Tensor, norm: float) -> No
 def test_wrapper_clips_and_skips():
     p = torch.nn.Parameter(torch.zeros(6))
     fake = _FakeMegatronOptimizer([p])
-    opt = AdaptiveClipOptimizer(fake, EmaThresholdClipper())
+    opt = AdaptiveClipOptimizer(fake, EmaThresholdClipper(REFERENCE))
     direction = torch.arange(1.0, 7.0)
     _set_grad(p, direction, 0.2)
     rec = opt.step()
@@ -186,7 +238,8 @@ def _clip_run(tp: int) -> dict:
     dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
     weights = full_weights(0)
     model = build_model(tp, weights)
-    options = OptimizerOptions(lr=1e-2, weight_decay=0.1, adam_eps=1e-8, precision="fp32", clip_ema_decay=0.9)
+    options = OptimizerOptions(lr=1e-2, weight_decay=0.1, adam_eps=1e-8, precision="fp32", clip_ema_decay=0.9,
+                               clip_warmup_steps=0)
     opt = build_optimizer([model], options)
 
     # One-process reference: the full model, torch AdamW with megatron's weight-decay grouping, the same rule.
@@ -196,7 +249,7 @@ def _clip_run(tp: int) -> dict:
         [{"params": [ref[k] for k in decayed], "weight_decay": 0.1},
          {"params": [ref[k] for k in ref if k not in decayed], "weight_decay": 0.0}],
         lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
-    ref_clip = EmaThresholdClipper(EmaClipConfig(decay=0.9))
+    ref_clip = EmaThresholdClipper(EmaClipConfig(decay=0.9, warmup_steps=0))
 
     gen = torch.Generator().manual_seed(1)
     steps = []
@@ -233,7 +286,7 @@ def _clip_run(tp: int) -> dict:
     buf = io.BytesIO()
     torch.save(opt.clip_state_dict(), buf)
     buf.seek(0)
-    restored = EmaThresholdClipper(EmaClipConfig(decay=0.9))
+    restored = EmaThresholdClipper(EmaClipConfig(decay=0.9, warmup_steps=0))
     restored.load_state_dict(torch.load(buf, weights_only=True))
     return {"steps": steps, "state": opt.clip_state_dict(), "restored": restored.state_dict(),
             "ref_state": ref_clip.state_dict()}

@@ -23,6 +23,8 @@ def test_quickstart_script(tmp_path: Path):
     assert proc.returncode == 0, out[-4000:]
     iterations = [int(i) for i in re.findall(r"\] iteration\s+(\d+)/", out)]
     assert iterations == [1, 2, 3, 4, 1], out[-3000:]  # train 2, resume to 4, one step from the export
+    # the adaptive (EMA-3sigma) clip trains: its warm-up steps clip, none is skipped as extreme
+    assert "clip_threshold" in out and "EXTREME" not in out and not re.search(r"skipped 1\.0", out), out[-3000:]
     assert "loaded" in out and "(full state)" in out and "(weights only)" in out
     released = tmp_path / "qs" / "released"
     assert (released / "model_ema.safetensors").is_file() and (released / "model.safetensors").is_file()

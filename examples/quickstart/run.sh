@@ -53,7 +53,8 @@ echo "cache_path: $OUT/cache" >> "$OUT/data.yaml"
 COMMON=(-m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29517}" pretrain_t2v.py
         --device cpu --tensor-model-parallel-size "$TP" --use-distributed-optimizer
         --model-config examples/quickstart/model.yaml --data-config "$OUT/data.yaml"
-        --global-batch-size 4 --micro-batch-size 1 --lr 1e-3 --clip-grad 1.0
+        --global-batch-size 4 --micro-batch-size 1 --lr 1e-3
+        --clip-grad-ema-decay 0.99  # v1.5 adaptive EMA-3sigma clip; its first 10 steps seed the statistics
         --lr-decay-style constant --weight-decay 1e-4 --adam-eps 1e-15 --log-interval 1)
 TRAIN=("${COMMON[@]}" --save "$OUT/checkpoints" --save-interval "$HALF" --tensorboard-dir "$OUT/tensorboard")
 LOGGED="^ *(\[|iteration|saved|loaded)"  # the training log lines (the rest is in $OUT/logs/)

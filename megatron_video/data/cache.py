@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from megatron_video.data.captions import choose_caption
 from megatron_video.data.config import DataConfig
-from megatron_video.data.dataset import BadSampleTracker, SampleIndex, ShapeBuckets
+from megatron_video.data.dataset import BadSampleTracker, SampleIndex, ShapeBuckets, read_with_replacement
 from megatron_video.data.decode import DecodeError
 from megatron_video.data.encoders import sample_cached_latent
 from megatron_video.data.shapes import decode_key, encode_key
@@ -94,7 +94,7 @@ class FeatureCacheDataset(Dataset):
         self._handles: OrderedDict[int, Any] = OrderedDict()
         self._max_open = max_open_shards
         self._empty: dict[str, torch.Tensor] | None = None
-        self.bad_samples = BadSampleTracker(config.max_bad_samples)
+        self.bad_samples = BadSampleTracker(config.max_bad_samples, n)
         self.buckets = ShapeBuckets(self.shape_keys)
         self.epoch = 0
         logger.info("feature cache %s: %d of %d samples cached", self.dir, int(ok.sum()), n)
@@ -141,18 +141,12 @@ class FeatureCacheDataset(Dataset):
         key = int(self.shape_keys[requested])
         if key < 0:
             raise IndexError(f"sample {requested} is not in the feature cache")
-        current = requested
-        for attempt in range(32):
-            try:
-                out = self.load(current, epoch)
-                out["requested_id"] = requested
-                if SampleIndex.position(item) is not None:
-                    out["position"] = SampleIndex.position(item)
-                return out
-            except (DecodeError, KeyError, OSError) as e:
-                self.bad_samples.record(current, e)
-                current = self.buckets.replacement(key, requested, epoch, attempt, self.config.seed)
-        raise DecodeError(f"sample {requested}: too many unreadable cache entries in its bucket")
+        out = read_with_replacement(requested, epoch, key, self.load, self.bad_samples, self.buckets,
+                                    self.config.seed, (DecodeError, KeyError, OSError))
+        out["requested_id"] = requested
+        if SampleIndex.position(item) is not None:
+            out["position"] = SampleIndex.position(item)
+        return out
 
     def load(self, sid: int, epoch: int) -> dict[str, Any]:
         from safetensors import SafetensorError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,27 +40,41 @@ class SampleIndex:
 
 
 class BadSampleTracker:
-    """Bad-sample counter shared by a rank's DataLoader worker processes (fork or spawn).
+    """Distinct unreadable samples of one rank, shared by its DataLoader worker processes (fork or spawn).
 
-    A shared-memory tensor with one slot per process (main = slot 0, worker w = slot w + 1): every process
-    only writes its own slot, so there is no lost update without a lock, and the total is the sum.
+    A shared-memory byte per sample remembers the known-bad ones (never read again: `read_with_replacement`
+    goes straight to the replacement) and a shared counter with one slot per process (main = slot 0, worker
+    w = slot w + 1) counts each sample once: every process only writes its own slot, so there is no lost update
+    without a lock. The bound is on distinct samples, not on reads: a bad file met every epoch counts once.
+
+    Per rank, not global: each data-parallel rank learns its bad samples from the samples it is handed, so a
+    file met by two DP ranks is read (and counted, in `global_bad_sample_count`) once on each, and
+    `max_bad_samples` bounds each rank. Model-parallel peers of a replica read the same samples in the same
+    order and reach the same replacements whether a peer re-reads a bad file or already knows it.
     """
 
     SLOTS = 256
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, num_samples: int) -> None:
         self.limit = limit
         self._counts = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
+        self._known = torch.zeros(num_samples, dtype=torch.uint8).share_memory_()
+
+    def known_bad(self, sample_id: int) -> bool:
+        return bool(self._known[sample_id])
 
     def record(self, sample_id: int, error: Exception) -> int:
+        if self._known[sample_id]:  # another worker of this rank met it at the same time: counted there
+            return self.count
+        self._known[sample_id] = 1
         info = torch.utils.data.get_worker_info()
         slot = 0 if info is None else (info.id + 1) % self.SLOTS
         self._counts[slot] += 1
         count = self.count
-        logger.warning("bad sample %d skipped (%d so far on this rank): %s", sample_id, count, error)
+        logger.warning("bad sample %d skipped (%d distinct so far on this rank): %s", sample_id, count, error)
         if count > self.limit:
             raise TooManyBadSamplesError(
-                f"{count} unreadable samples on this rank exceed max_bad_samples={self.limit}; last: sample "
+                f"{count} distinct unreadable samples on this rank exceed max_bad_samples={self.limit}; last: sample "
                 f"{sample_id}: {error}. Check the data set (missing/truncated/corrupt files) or raise the "
                 "bound.")
         return count
@@ -93,6 +108,23 @@ class ShapeBuckets:
         return pick if pick != requested else int(members[-1])
 
 
+def read_with_replacement(requested: int, epoch: int, key: int, load: Callable[[int, int], dict[str, Any]],
+                          tracker: BadSampleTracker, buckets: ShapeBuckets, seed: int,
+                          errors: tuple[type[Exception], ...]) -> dict[str, Any]:
+    """`load(requested, epoch)`, or, if that sample is unreadable, a deterministic other member of its shape
+    bucket (so the batch keeps its size and shape). Samples known to be bad are not read again."""
+    current = requested
+    for attempt in range(MAX_REPLACEMENT_ATTEMPTS):
+        if not tracker.known_bad(current):
+            try:
+                return load(current, epoch)
+            except errors as e:
+                tracker.record(current, e)
+        current = buckets.replacement(key, requested, epoch, attempt, seed)
+    raise DecodeError(f"sample {requested}: {MAX_REPLACEMENT_ATTEMPTS} replacements from its bucket "
+                      f"{decode_key(key)} were unreadable too")
+
+
 class VideoDataset(Dataset):
     """Item -> {"video": (3, T, H, W) in [-1, 1], "caption": str, "sample_id": int, "shape": (T, H, W),
     "requested_id": int}. `sample_id` differs from `requested_id` when an unreadable sample was replaced by
@@ -102,7 +134,7 @@ class VideoDataset(Dataset):
         config.validate()
         self.metadata, self.config = metadata, config
         self.plan = plan if plan is not None else plan_shapes(metadata.columns, config.shape)
-        self.bad_samples = BadSampleTracker(config.max_bad_samples)
+        self.bad_samples = BadSampleTracker(config.max_bad_samples, len(metadata))
         self.buckets = ShapeBuckets(self.plan.keys)
         self.epoch = 0
 
@@ -130,19 +162,12 @@ class VideoDataset(Dataset):
         key = int(self.plan.keys[requested])
         if key < 0:
             raise IndexError(f"sample {requested} is excluded by shape planning; use the batch sampler")
-        current = requested
-        for attempt in range(MAX_REPLACEMENT_ATTEMPTS):
-            try:
-                sample = self.load(current, epoch)
-                sample["requested_id"] = requested
-                if SampleIndex.position(item) is not None:
-                    sample["position"] = SampleIndex.position(item)
-                return sample
-            except (DecodeError, MetadataError) as e:
-                self.bad_samples.record(current, e)
-                current = self.buckets.replacement(key, requested, epoch, attempt, self.config.seed)
-        raise DecodeError(f"sample {requested}: {MAX_REPLACEMENT_ATTEMPTS} replacements from its bucket "
-                          f"{decode_key(key)} were unreadable too")
+        sample = read_with_replacement(requested, epoch, key, self.load, self.bad_samples, self.buckets,
+                                       self.config.seed, (DecodeError, MetadataError))
+        sample["requested_id"] = requested
+        if SampleIndex.position(item) is not None:
+            sample["position"] = SampleIndex.position(item)
+        return sample
 
     def load(self, sample_id: int, epoch: int) -> dict[str, Any]:
         """Decode one sample at its planned shape (raises DecodeError / MetadataError on bad input)."""

@@ -49,6 +49,7 @@ class OptimizerOptions:
     clip_grad: float = 1.0  # the max norm of clip_mode="constant"
     clip_ema_decay: float = 0.99
     clip_num_sigma: float = 3.0
+    clip_warmup_steps: int = 10  # EMA clip: steps whose norms seed the statistics, never extreme (clip.py)
     max_consecutive_extreme: int = 10
     log_num_zeros_in_grad: bool = False
 
@@ -73,8 +74,7 @@ class OptimizerOptions:
         if self.loss_scale is not None and self.precision != "fp16":
             raise ValueError("loss_scale applies to precision='fp16' only")
         # Validate the clip settings now rather than at the first step.
-        EmaClipConfig(decay=self.clip_ema_decay, num_sigma=self.clip_num_sigma,
-                      max_consecutive_extreme=self.max_consecutive_extreme)
+        ema_clip_config(self)
 
 
 def optimizer_config(options: OptimizerOptions):
@@ -102,11 +102,16 @@ def optimizer_config(options: OptimizerOptions):
     )
 
 
+def ema_clip_config(options: OptimizerOptions) -> EmaClipConfig:
+    return EmaClipConfig(decay=options.clip_ema_decay, num_sigma=options.clip_num_sigma,
+                         max_consecutive_extreme=options.max_consecutive_extreme,
+                         warmup_steps=options.clip_warmup_steps)
+
+
 def build_clipper(options: OptimizerOptions) -> EmaThresholdClipper | None:
     if options.clip_mode != "ema":
         return None
-    return EmaThresholdClipper(EmaClipConfig(decay=options.clip_ema_decay, num_sigma=options.clip_num_sigma,
-                                             max_consecutive_extreme=options.max_consecutive_extreme))
+    return EmaThresholdClipper(ema_clip_config(options))
 
 
 def build_optimizer(model_chunks: list[torch.nn.Module], options: OptimizerOptions) -> AdaptiveClipOptimizer:

@@ -2,7 +2,12 @@
 
 `EmaThresholdClipper.decide(g)` takes the global gradient norm g of one step and returns what to do with it:
 
-- first step: μ = min(3g, 1), var = 0, no clip;
+- warm-up (`warmup_steps` W > 0, our addition): the first W finite norms are never extreme. Step 1 is not
+  clipped; steps 2..W are clipped at mean + 3·std of the norms seen so far; μ and var are the plain mean and
+  (population) variance of all warm-up norms, clipped or not. The EMA rule below starts from them. Without
+  it, the reference's first step (μ = min(3g, 1)) puts the extreme bound at max(μ + 5σ, 5) = 5, and a model
+  whose first norms are above 5 (the small preset starts at ≈ 6.7) skips every step until the run stops.
+- W = 0 is the v1.5 reference: first step μ = min(3g, 1), var = 0, no clip;
 - thr = μ + 3·√var; if g ≤ thr the statistics move: μ ← d·μ + (1−d)·g, then var ← d·var + (1−d)·(μ − g)²
   (with the *updated* μ, as the reference does); otherwise the gradients are scaled by thr/g and the
   statistics are left alone;
@@ -20,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: warm-up count (a version-1 state has finished any warm-up)
 
 
 class TooManyExtremeStepsError(RuntimeError):
@@ -36,6 +41,7 @@ class EmaClipConfig:
     first_step_factor: float = 3.0
     first_step_cap: float = 1.0
     max_consecutive_extreme: int = 10
+    warmup_steps: int = 10
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decay < 1.0:
@@ -47,6 +53,8 @@ class EmaClipConfig:
             raise ValueError("first_step_factor and first_step_cap must be > 0")
         if self.max_consecutive_extreme < 1:
             raise ValueError(f"max_consecutive_extreme must be >= 1, got {self.max_consecutive_extreme}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"clip warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,7 @@ class EmaThresholdClipper:
         self.clipped_count = 0
         self.extreme_count = 0
         self.consecutive_extreme = 0
+        self.warmup_seen = 0  # finite norms taken into the warm-up statistics
 
     @property
     def initialized(self) -> bool:
@@ -82,8 +91,12 @@ class EmaThresholdClipper:
     def threshold(self) -> float:
         return math.inf if self.mu is None else self.mu + self.config.num_sigma * math.sqrt(self.var)
 
+    @property
+    def warming_up(self) -> bool:
+        return self.warmup_seen < self.config.warmup_steps
+
     def extreme_threshold(self) -> float:
-        if self.mu is None:
+        if self.mu is None or self.warming_up:
             return math.inf  # no statistics yet: only non-finite norms are extreme
         return max(self.mu + self.config.extreme_sigma * math.sqrt(self.var), self.config.extreme_floor)
 
@@ -104,6 +117,8 @@ class EmaThresholdClipper:
                 )
             return self._decision(g, thr, ext, scale=1.0, clipped=False, extreme=True)
         self.consecutive_extreme = 0
+        if self.warming_up:
+            return self._warmup(g, thr, ext)
         if self.mu is None:
             self.mu = min(cfg.first_step_factor * g, cfg.first_step_cap)
             self.var = 0.0
@@ -112,6 +127,20 @@ class EmaThresholdClipper:
             d = cfg.decay
             self.mu = d * self.mu + (1.0 - d) * g
             self.var = d * self.var + (1.0 - d) * (self.mu - g) ** 2
+            return self._decision(g, thr, ext, scale=1.0, clipped=False, extreme=False)
+        self.clipped_count += 1
+        return self._decision(g, thr, ext, scale=thr / g, clipped=True, extreme=False)
+
+    def _warmup(self, g: float, thr: float, ext: float) -> ClipDecision:
+        """One warm-up step: clip at the current threshold, then fold g into the running mean / variance
+        (Welford's update, with var = M2 / n, so the state needs no extra sum)."""
+        n = self.warmup_seen
+        mu = 0.0 if self.mu is None else self.mu
+        delta = g - mu
+        new_mu = mu + delta / (n + 1)
+        self.var = (self.var * n + delta * (g - new_mu)) / (n + 1)
+        self.mu, self.warmup_seen = new_mu, n + 1
+        if g <= thr:
             return self._decision(g, thr, ext, scale=1.0, clipped=False, extreme=False)
         self.clipped_count += 1
         return self._decision(g, thr, ext, scale=thr / g, clipped=True, extreme=False)
@@ -130,14 +159,18 @@ class EmaThresholdClipper:
             "clipped_count": self.clipped_count,
             "extreme_count": self.extreme_count,
             "consecutive_extreme": self.consecutive_extreme,
+            "warmup_seen": self.warmup_seen,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"mu", "var", "steps", "extreme_count", "consecutive_extreme"} - set(state)
+        version = state.get("version", STATE_VERSION)
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"unsupported clip state version {state.get('version')}")
+        required = {"mu", "var", "steps", "extreme_count", "consecutive_extreme"} | (
+            {"warmup_seen"} if version >= 2 else set())
+        missing = required - set(state)
         if missing:
             raise KeyError(f"clip state is missing {sorted(missing)}")
-        if state.get("version", STATE_VERSION) != STATE_VERSION:
-            raise ValueError(f"unsupported clip state version {state.get('version')}")
         mu = state["mu"]
         var = float(state["var"])
         if (mu is not None and not math.isfinite(float(mu))) or not math.isfinite(var) or var < 0:
@@ -148,3 +181,6 @@ class EmaThresholdClipper:
         self.clipped_count = int(state.get("clipped_count", 0))
         self.extreme_count = int(state["extreme_count"])
         self.consecutive_extreme = int(state["consecutive_extreme"])
+        # a version-1 state predates the warm-up: statistics it holds came from the reference rule
+        seen = state["warmup_seen"] if version >= 2 else (0 if mu is None else self.config.warmup_steps)
+        self.warmup_seen = int(seen)

@@ -44,6 +44,7 @@ def optimizer_options(args: argparse.Namespace) -> OptimizerOptions:
         use_distributed_optimizer=args.use_distributed_optimizer, clip_mode=mode, clip_grad=args.clip_grad,
         clip_ema_decay=args.clip_grad_ema_decay if args.clip_grad_ema_decay is not None else 0.99,
         max_consecutive_extreme=args.max_consecutive_extreme_steps,
+        clip_warmup_steps=args.clip_grad_ema_warmup_steps,
     )
 
 

@@ -8,9 +8,9 @@ output path (to_add_out, norm2.norm_enc, ff_enc), which a TP = 1 build of ours d
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
+from checkpoints_convert.upstream import UpstreamConfigError, config_from_predictor, predictor_kwargs
 from megatron_video.models.suv_mmdit.config import SUVConfig
 
 Shape = tuple[int, ...]
@@ -123,44 +123,22 @@ def describe(cfg: SUVConfig) -> str:
 
 # --- diffusers-style config.json ---------------------------------------------------------------------------
 
-_DIFFUSERS_FIELDS = {  # config.json key -> SUVConfig field
-    "num_layers": "num_layers", "sparse_n": "sparse_n", "num_attention_heads": "num_heads",
-    "attention_head_dim": "head_dim", "in_channels": "in_channels", "out_channels": "out_channels",
-    "patch_size": "patch_size", "patch_size_t": "patch_size_t", "timestep_embed_dim": "timestep_embed_dim",
-    "caption_channels": "caption_channels", "pooled_projection_dim": "pooled_projection_dim",
-    "norm_eps": "norm_eps", "skip_connection": "skip_connection",
-}
-
-
 def diffusers_config(cfg: SUVConfig) -> dict[str, Any]:
-    """The `config.json` of a diffusers-style folder holding these weights (Open-Sora Plan's SparseUMMDiT)."""
-    out: dict[str, Any] = {"_class_name": "SparseUMMDiT"}
-    for key, field in _DIFFUSERS_FIELDS.items():
-        value = getattr(cfg, field)
-        out[key] = list(value) if isinstance(value, tuple) else value
-    out.update({"sparse1d": True, "double_ff": True, "attention_bias": True, "activation_fn": "gelu-approximate",
-                "norm_elementwise_affine": True, "ff_bias": False, "skip_connection_zero_init": True,
-                "rope_base": cfg.rope_base})
-    if cfg.ffn_mult != 4:
-        raise SchemaError("the released config has no FFN multiplier field; only ffn_mult = 4 can be exported")
-    return out
+    """The `config.json` of a diffusers-style folder holding these weights: upstream SparseUMMDiT's constructor
+    arguments by their own names (checkpoints_convert/upstream.py)."""
+    try:
+        return {"_class_name": "SparseUMMDiT", **predictor_kwargs(cfg)}
+    except UpstreamConfigError as exc:
+        raise SchemaError(f"cannot write an upstream config.json: {exc}") from exc
 
 
 def config_from_diffusers(data: dict[str, Any], base: SUVConfig | None = None) -> SUVConfig:
-    """A `SUVConfig` from a diffusers-style `config.json` (fields it lacks come from `base`)."""
-    values = {}
-    for key, field in _DIFFUSERS_FIELDS.items():
-        if key in data:
-            values[field] = data[key]
-    if "num_heads" in data and "num_attention_heads" not in data:  # the training-config spelling
-        values["num_heads"] = data["num_heads"]
-    if "head_dim" in data and "attention_head_dim" not in data:
-        values["head_dim"] = data["head_dim"]
-    if "patch_size_thw" in data:
-        values["patch_size_t"], values["patch_size"] = data["patch_size_thw"][0], data["patch_size_thw"][1]
-    if "rope_base" in data:
-        values["rope_base"] = float(data["rope_base"])
-    return dataclasses.replace(base or SUVConfig(), **values)
+    """A `SUVConfig` from a diffusers-style `config.json` or an upstream predictor section (fields it lacks come
+    from `base`)."""
+    try:
+        return config_from_predictor(data, base)[0]
+    except UpstreamConfigError as exc:
+        raise SchemaError(f"config.json: {exc}") from exc
 
 
 __all__ = ["LAST_BLOCK_TEXT_SUFFIXES", "SchemaError", "Shape", "check_schema", "config_from_diffusers",

@@ -144,3 +144,20 @@ def test_config_from_upstream_dict() -> None:
         WFVAEConfig.from_dict({"base_channel": 160})
     with pytest.raises(ValueError, match="scale"):
         WFVAEConfig(latent_dim=16)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_decoder_final_stage_has_two_blocks_for_any_num_resblocks(n: int) -> None:
+    """Upstream's decoder builds `layer` with `range(2)` whatever num_resblocks is (Open-Sora-Plan
+    opensora/models/causalvideovae/model/vae/modeling_wfvae.py and MindSpeed-MM mindspeed_mm/models/ae/wfvae.py,
+    Decoder.__init__), while up2 / up1 follow num_resblocks. Names and shapes must follow, or its weights do not
+    load for n != 2."""
+    cfg = WFVAEConfig(base_channels=8, encoder_energy_flow_hidden_size=8, decoder_energy_flow_hidden_size=8,
+                      decoder_num_resblocks=n)
+    with torch.device("meta"):
+        keys = WFVAE(cfg).decoder.state_dict().keys()
+    layer_blocks = {k.split(".")[1] for k in keys if k.startswith("layer.")}
+    up2_blocks = {k.split(".")[1] for k in keys if k.startswith("up2.")}
+    up1_blocks = {k.split(".")[1] for k in keys if k.startswith("up1.")}
+    assert layer_blocks == {"0", "1"}
+    assert len(up2_blocks) == len(up1_blocks) == n + 2  # n resblocks + upsampler + closing resblock

@@ -7,10 +7,14 @@ The model is built from a `SUVConfig` (architecture) plus a megatron-core `Model
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
 AttentionMode = Literal["full", "single", "group"]
+
+_log = logging.getLogger(__name__)
+_ODD_STAGES_WARNED: set[tuple[int, ...]] = set()  # num_layers already warned about (once per shape)
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,14 @@ class SUVConfig:
             raise ValueError(f"condition_channels must be >= 0, got {self.condition_channels}")
         if self.timestep_embed_dim % 2 != 0:
             raise ValueError("timestep_embed_dim must be even ([cos | sin] halves)")
+        odd = [i for i, n in enumerate(self.num_layers) if n % 2]
+        if odd and self.num_layers not in _ODD_STAGES_WARNED:
+            # Upstream (SparseUMMDiT) refuses this. The math is defined for it: blocks alternate single / group
+            # skiparse by their index in the stage, so an odd sparse stage just ends on a single-skip block.
+            _ODD_STAGES_WARNED.add(self.num_layers)
+            _log.warning("num_layers %s has an odd number of blocks in stage(s) %s: accepted here, but Open-Sora "
+                         "Plan / MindSpeed-MM refuse it, so such weights cannot be used there", list(self.num_layers),
+                         odd)
 
     @property
     def hidden_size(self) -> int:

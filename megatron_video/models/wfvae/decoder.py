@@ -47,7 +47,10 @@ class Decoder(nn.Module):
             [ResnetBlock3D(4 * c, 2 * c)] + [ResnetBlock3D(2 * c, 2 * c) for _ in range(n - 1)]
             + [Upsample3D(2 * c), ResnetBlock3D(2 * c, 2 * c)]
         )
-        self.layer = nn.ModuleList([ResnetBlock3D(2 * c, c)] + [ResnetBlock3D(c, c) for _ in range(n - 1)])
+        # Always two blocks, whatever decoder_num_resblocks says: upstream builds this stage with range(2)
+        # (Open-Sora-Plan opensora/models/causalvideovae/model/vae/modeling_wfvae.py, Decoder.layer), so
+        # only this count loads its weights.
+        self.layer = nn.ModuleList([ResnetBlock3D(2 * c, c), ResnetBlock3D(c, c)])
         self.connect_l1 = self._flow_branch(e, cfg.connect_res_layer_num)
         self.connect_l2 = self._flow_branch(e, cfg.connect_res_layer_num)
         self.norm_out = ChannelLayerNorm(c)

@@ -153,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=_positive_int, default=100,
                    help="iterations per console line; its values are averaged over the interval (as Megatron-LM)")
     g.add_argument("--tensorboard-dir", type=str, default=None, help="TensorBoard event directory")
+
+    g = parser.add_argument_group("evaluation and sampling")
+    g.add_argument("--eval-interval", type=_positive_int, default=1000,
+                   help="Megatron-LM: iterations between evaluations on the validation set (the data config's "
+                        "`eval` section; no section, no evaluation); also evaluated after the last iteration")
+    g.add_argument("--eval-iters", type=_positive_int, default=100,
+                   help="Megatron-LM: global batches per evaluation (fewer if the held-out set is smaller)")
+    g.add_argument("--eval-ema", action="store_true", help="evaluate (and sample) with the EMA weights")
     return parser
 
 

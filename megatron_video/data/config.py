@@ -56,6 +56,24 @@ class BatchConfig:
 
 
 @dataclass
+class EvalDataConfig:
+    """The held-out set for the evaluation loss (Open-Sora 1.3 style). Off while `metadata_paths` is empty.
+
+    Shapes follow the training `shape` section; captions are never dropped; the order of samples and the
+    noise are fixed by `seed`, so every evaluation (and every parallel layout) sees the same examples."""
+
+    metadata_paths: list[str] = field(default_factory=list)
+    data_root: str = ""
+    cache_path: str | None = None  # feature cache of the held-out set (built like the training cache)
+    num_timesteps: int = 10  # equidistant noise levels i / (n + 1), i = 1..n
+    seed: int = 4321
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.metadata_paths)
+
+
+@dataclass
 class DataConfig:
     # Open-Sora Plan `data.txt` files (lines `root,annotation.json`) or Parquet files.
     metadata_paths: list[str] = field(default_factory=list)
@@ -69,6 +87,7 @@ class DataConfig:
     video_backend: str = "auto"  # "auto" (decord when installed, else PyAV), "pyav" or "decord"
     num_workers: int = 2
     seed: int = 1234
+    eval: EvalDataConfig = field(default_factory=EvalDataConfig)
 
     def validate(self) -> DataConfig:
         """Raise ValueError naming the first offending field; returns self for chaining."""
@@ -104,6 +123,9 @@ class DataConfig:
             (self.max_bad_samples >= 0, "max_bad_samples must be >= 0"),
             (self.num_workers >= 0, "num_workers must be >= 0"),
             (self.video_backend in ("auto", "pyav", "decord"), "video_backend must be auto, pyav or decord"),
+            (self.eval.num_timesteps >= 1, "eval.num_timesteps must be >= 1"),
+            (self.eval.cache_path is None or self.eval.enabled,
+             "eval.cache_path needs eval.metadata_paths (the held-out set's metadata)"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -90,6 +90,11 @@ class Objective(ABC):
     def sample(self, x0: torch.Tensor, generator: torch.Generator) -> DiffusionSample:
         """Draw noise and timesteps from `generator`; build the noised input, the timestep and the target."""
 
+    @abstractmethod
+    def at_level(self, x0: torch.Tensor, noise: torch.Tensor, level: float) -> DiffusionSample:
+        """The example at a given noise level in (0, 1) (0 = clean, 1 = pure noise) with the given noise, no
+        shift or sampling: what evaluation at fixed timesteps needs."""
+
     def loss(
         self,
         pred: torch.Tensor,

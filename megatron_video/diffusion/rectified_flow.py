@@ -92,3 +92,14 @@ class RectifiedFlow(Objective):
             target=noise - x0f,
             weight=None,
         )
+
+    def at_level(self, x0: torch.Tensor, noise: torch.Tensor, level: float) -> DiffusionSample:
+        """σ = `level` exactly (no shift: fixed evaluation timesteps are the same σ for every resolution)."""
+        if not 0.0 <= level <= 1.0:
+            raise ValueError(f"level must be in [0, 1], got {level}")
+        b = x0.shape[0]
+        x0f = x0.float()
+        sigma = torch.full((b,), float(level), dtype=torch.float32, device=x0.device)
+        return DiffusionSample(x_t=(level * noise.float() + (1.0 - level) * x0f).to(x0.dtype),
+                               timestep=sigma * self.config.num_train_timesteps, target=noise.float() - x0f,
+                               weight=None)

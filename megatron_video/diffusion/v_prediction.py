@@ -91,3 +91,16 @@ class VPrediction(Objective):
             target=a * noise - s * x0f,
             weight=self.min_snr_weight(t) if self.config.snr_gamma is not None else None,
         )
+
+    def at_level(self, x0: torch.Tensor, noise: torch.Tensor, level: float) -> DiffusionSample:
+        """Integer timestep round(level·(T − 1)); no min-SNR weight (evaluation compares plain errors)."""
+        if not 0.0 <= level <= 1.0:
+            raise ValueError(f"level must be in [0, 1], got {level}")
+        b = x0.shape[0]
+        t = round(level * (self.config.num_train_timesteps - 1))
+        ab = float(self.alphas_cumprod[t])
+        a, s = ab ** 0.5, (1.0 - ab) ** 0.5
+        x0f, nf = x0.float(), noise.float()
+        return DiffusionSample(x_t=(a * x0f + s * nf).to(x0.dtype),
+                               timestep=torch.full((b,), float(t), dtype=torch.float32, device=x0.device),
+                               target=a * nf - s * x0f, weight=None)

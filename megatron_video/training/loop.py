@@ -270,6 +270,9 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         log.info("saved checkpoint %s in %.1f s", path, time.monotonic() - started)
 
     condition = setup(args, parts, encode) if setup is not None else None
+    from megatron_video.evaluation.runner import build_evaluator, maybe_evaluate
+
+    evaluator = build_evaluator(args, dp_rank, dp_size, objective, prepare_inputs, condition)
     if args.load and resume_iteration(args.load) is None:  # --load = --save on a job's first run (preflight.py)
         log.info("no checkpoint in --load %s yet: starting from scratch", args.load)
     elif args.load:
@@ -333,6 +336,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         scalars["iteration_ms"], scalars["consumed_samples"] = 1000.0 * elapsed, float(state.consumed_samples)
         log.log(state.iteration, scalars, extra="EXTREME step skipped" if record.extreme else "")
         due = args.save and args.save_interval and state.iteration % args.save_interval == 0
+        maybe_evaluate(evaluator, parts, encode, state.iteration, state.iteration == args.train_iters, log)
         preempted = preemption.agreed(device)
         if args.save and (due or preempted or state.iteration == args.train_iters):
             save(state.iteration)

@@ -25,6 +25,7 @@ def main(argv: list[str]) -> int:
     from megatron_video.inpaint.config import load_inpaint_config
     from megatron_video.inpaint.training import check_i2v_configs, i2v_setup
     from megatron_video.models.registry import model_config_from_mapping
+    from megatron_video.training.checkpoint_safety import checkpoint_refusal, report_refusal
     from megatron_video.training.loop import pretrain
 
     # the inpainting config and its fit with the model / data configs are checked before anything starts
@@ -36,6 +37,9 @@ def main(argv: list[str]) -> int:
         return pretrain(argv, i2v_inputs, add_i2v_args)
     if known.init_from_t2v is not None and not Path(known.init_from_t2v).is_dir():
         raise SystemExit(f"--init-from-t2v: checkpoint directory not found: {known.init_from_t2v}")
+    refusal = checkpoint_refusal(known.init_from_t2v, "--init-from-t2v")
+    if refusal is not None:
+        return report_refusal(refusal)
     inpaint = load_inpaint_config(known.inpaint_config)
     if known.model_config and known.data_config:
         model = model_config_from_mapping(read_mapping(known.model_config), source=known.model_config)

@@ -105,6 +105,12 @@ class DistReader:
     def __init__(self, directory: Path, cfg: SUVConfig, weights: str = "model") -> None:
         from megatron.core.dist_checkpointing import load_tensors_metadata
 
+        from megatron_video.training.checkpoint_safety import CheckpointRefused, verify_dist_checkpoint
+
+        try:
+            verify_dist_checkpoint(directory)
+        except CheckpointRefused as exc:
+            raise CheckpointFormatError(str(exc)) from exc
         ensure_process_group()
         self.directory, self.cfg = directory, cfg
         prefix = weights + "."

@@ -10,13 +10,14 @@ taken (not after a skipped step): ema ← decay·ema + (1 − decay)·main_param
 `full_state_dict()` gathers the full EMA tensors keyed by model parameter name (a collective over the data-
 parallel group; still TP-sharded and PP-local, as the model's own state dict); `load_full_state_dict()` takes
 such a dict and keeps this rank's shard, which is how to resume with a different DP size.
-`sharded_state_dict(model.sharded_state_dict())` gives dist_checkpointing entries that reshard over TP/PP/DP
-like the model weights (save them under their own top-level key, e.g. "ema").
+`sharded_state_dict(model.sharded_state_dict())` gives dist_checkpointing entries of this rank's shards only, which
+reshard over TP/PP/DP like the model weights (save them under their own top-level key, e.g. "ema"); load them back
+with `load_sharded_state_dict`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -194,12 +195,12 @@ class ShardedEMA:
     def sharded_state_dict(
         self, model_sharded_state_dict: dict[str, Any], prefix: str = "ema."
     ) -> dict[str, Any]:
-        """dist_checkpointing entries for the EMA, shaped like the model's: each model entry (ShardedTensor
-        or factory, keyed by parameter name) is copied with its key prefixed and its data replaced by the
-        full fp32 EMA tensor, so TP/PP resharding works as for the model weights. Collective over DP (it
-        gathers). After `dist_checkpointing.load`, pass the loaded dict to `load_full_state_dict`. The update
-        count is not included: keep `num_updates` in the checkpoint's common state."""
-        from megatron.core.dist_checkpointing import ShardedTensor
+        """dist_checkpointing entries for the EMA this rank holds, keyed by parameter name: its range of each
+        parameter (none: an empty list) as ShardedTensors placed in the model's global tensor (checkpoint key
+        `prefix` + the model entry's key; see `training/checkpoint_state.py`). No communication and no copy, and
+        they reshard over TP/PP/DP like the model weights. After `dist_checkpointing.load`, pass the loaded dict to
+        `load_sharded_state_dict`. The update count is not included: keep `num_updates` in the common state."""
+        from megatron_video.training.checkpoint_state import range_shards, replica_without_dp
 
         # Wrappers (DDP, Float16Module) prefix the model keys with "module."; parameter names lack it.
         by_name = {}
@@ -208,10 +209,25 @@ class ShardedEMA:
                 key = key[len("module."):]
             by_name[key] = entry
         out: dict[str, Any] = {}
-        for name, tensor in self.full_state_dict().items():
-            entry = by_name.get(name)
-            if entry is None or not hasattr(entry, "key") or not hasattr(entry, "data"):
-                raise KeyError(f"the model's sharded state dict has no sharded entry for parameter {name}")
-            extra = {"dtype": torch.float32} if isinstance(entry, ShardedTensor) else {}
-            out[name] = replace(entry, key=prefix + entry.key, data=tensor, **extra)
+        for shard in self._shards:
+            entry = by_name.get(shard.name)
+            if entry is None or not hasattr(entry, "global_offset"):
+                raise KeyError(f"the model's sharded state dict has no ShardedTensor for parameter {shard.name}")
+            if shard.main is None:
+                out[shard.name] = []  # other DP ranks hold all of it
+                continue
+            replica = replica_without_dp(entry.replica_id) if shard.group is not None else entry.replica_id
+            out[shard.name] = range_shards(prefix + entry.key, self.ema[shard.name], shard.start, shard.end,
+                                           entry, replica)
         return out
+
+    @torch.no_grad()
+    def load_sharded_state_dict(self, loaded: dict[str, Any]) -> None:
+        """Take the values `dist_checkpointing.load` returned for `sharded_state_dict()`'s entries."""
+        from megatron_video.training.checkpoint_state import joined
+
+        for shard in self._shards:
+            if shard.main is not None:
+                if shard.name not in loaded:
+                    raise KeyError(f"EMA tensor for {shard.name} missing")
+                self.ema[shard.name].copy_(joined(loaded[shard.name]))

@@ -8,8 +8,8 @@ A checkpoint is written into `iter_0000100.tmp/`, and only when every rank has f
 `iter_0000100/` and the pointer file replaced (both atomic renames on one file system). A save killed half-way
 leaves at most a `.tmp` directory, which the next save removes; the pointer still names the previous complete
 checkpoint. Tensors are stored as ShardedTensors in model space, so a checkpoint saved at one TP/DP (CP)
-layout loads at another. Nothing is unpickled from a checkpoint except the common (rank-0) state dict that
-dist_checkpointing writes itself, which holds only plain Python values and tensors.
+layout loads at another. Before loading, every pickle in the checkpoint is checked to hold only data
+(`checkpoint_safety.py`): a checkpoint that would run code is refused.
 """
 
 from __future__ import annotations
@@ -246,6 +246,9 @@ def load_checkpoint(
     directory = iteration_dir(root, iteration)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory} not found")
+    from megatron_video.training.checkpoint_safety import verify_dist_checkpoint
+
+    verify_dist_checkpoint(directory)  # nothing in it may run code: checked before megatron unpickles anything
     state = build_sharded_state()
     common = dist_checkpointing.load_common_state_dict(str(directory))
     saved = common.get("common", {})

@@ -78,49 +78,29 @@ def build_denoiser(args: argparse.Namespace, model_config: Any) -> tuple[torch.n
         return SUVMMDiT(model_config, config, stage, init_seed=args.seed), config
 
 
+def plain_torch_optimizer(optimizer: Any) -> bool:
+    """True for torch's own optimizers (torch.optim.Adam / AdamW), which keep a per-parameter "step" in their
+    state; TE's and apex's FusedAdam keep it in the param group instead."""
+    return type(optimizer).__module__.startswith("torch.optim")
+
+
 def materialize_optimizer_state(optimizer: Any) -> None:
-    """Give every parameter of the inner torch optimizers an (all-zero, step 0) Adam state, as it has after
-    construction on Apex/TE. megatron's distributed optimizer needs it to describe its state for loading a
-    checkpoint before the first step; the loaded values then replace it."""
+    """Give every parameter of the inner optimizers its (all-zero) state before a checkpoint is loaded into it.
+
+    megatron's distributed optimizer needs the state to exist to describe it for loading. This is megatron's
+    own `init_state_fn` (exp_avg, exp_avg_sq; what TE / apex FusedAdam hold); "step" (0) is added only for
+    plain torch optimizers, whose state keeps it per parameter. FusedAdam's state_dict() / load_state_dict()
+    look every state key up among exp_avg / exp_avg_sq / master_param, so a "step" there breaks them."""
     from megatron_video.optim.adaptive_optimizer import leaf_optimizers
 
     for leaf in leaf_optimizers(optimizer.optimizer if hasattr(optimizer, "clipper") else optimizer):
-        torch_optimizer = leaf.optimizer
-        for group in torch_optimizer.param_groups:
-            for param in group["params"]:
-                state = torch_optimizer.state[param]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-
-def load_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
-    """Load a `fully_reshardable` distributed-optimizer state.
-
-    megatron-core 0.16's `load_parameter_state_from_fully_reshardable` copies every key of the live per-param
-    state, but with torch's Adam (no Apex / Transformer Engine: CPU, or a GPU install without them) that state
-    also holds "step", which the checkpoint keeps in the param groups instead, so the load fails. Do the same two
-    phases here with "step" held aside: the inner load first (param groups, step), then the parameter state.
-    Each parameter gets its own copy of the step counter (see below)."""
-    from megatron_video.optim.adaptive_optimizer import leaf_optimizers
-
-    leaves = list(leaf_optimizers(optimizer.optimizer if hasattr(optimizer, "clipper") else optimizer))
-    if len(leaves) != 1 or "param_state" not in state:
-        optimizer.load_state_dict(state)
-        return
-    leaf, state = leaves[0], dict(state)
-    param_state, sharding = state.pop("param_state"), state.pop("param_state_sharding_type")
-    if sharding != "fully_reshardable":
-        raise ValueError(f"expected a fully_reshardable optimizer state, got {sharding!r}")
-    leaf.load_state_dict(state)
-    inner = leaf.optimizer.state
-    steps = {param: entry.pop("step") for param, entry in inner.items() if "step" in entry}
-    leaf.load_parameter_state_from_fully_reshardable(param_state)
-    for param, step in steps.items():
-        # megatron hands every parameter the same `step` tensor; torch's Adam increments it in place per
-        # parameter, so a shared one would advance N times per step and skew the bias correction.
-        inner[param]["step"] = step.detach().clone()
+        inner = leaf.optimizer
+        if leaf.init_state_fn is not None:
+            leaf.init_state_fn(inner, leaf.config)
+        if plain_torch_optimizer(inner):
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    inner.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
 def build_components(args: argparse.Namespace, model_config: Any, train_iters: int) -> Components:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,12 +24,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_video.optim.extreme_log import ExtremeStepLog, gather_sample_ids
-from megatron_video.training.checkpointing import load_checkpoint, model_sharded_state_dict, save_checkpoint
+from megatron_video.training.checkpointing import (
+    CheckpointError,
+    load_checkpoint,
+    model_sharded_state_dict,
+    save_checkpoint,
+)
 from megatron_video.training.save_dir import resume_iteration, write_model_config
 
 EXTREME_LOG = "extreme_batches.jsonl"
-# Canonical per-parameter optimizer state: loads at any TP / PP / DP (megatron 0.16 dropped flattened ranges).
-OPTIM_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 @dataclass
@@ -158,7 +162,8 @@ def _extreme_ids_on_disk(root: str | None) -> list[int]:
 
 def resume(args: argparse.Namespace, parts: Any, data: Any, state: TrainState, log: Any) -> None:
     """Load `--load`: everything for an exact resume, or only the weights with --finetune / --no-load-optim."""
-    from megatron_video.training.components import load_optimizer_state, materialize_optimizer_state
+    from megatron_video.training.checkpoint_state import load_optimizer_state
+    from megatron_video.training.components import materialize_optimizer_state
 
     weights_only = args.finetune or args.no_load_optim
     materialize_optimizer_state(parts.optimizer)
@@ -169,9 +174,9 @@ def resume(args: argparse.Namespace, parts: Any, data: Any, state: TrainState, l
     iteration, loaded, common = load_checkpoint(args.load, build)
     parts.module.load_state_dict(loaded["model"], strict=True)
     if not weights_only:
-        load_optimizer_state(parts.optimizer, loaded["optimizer"])
+        load_optimizer_state(parts.optimizer, loaded["optimizer"], model_sharded_state_dict(parts.module))
         if parts.ema is not None:
-            parts.ema.load_full_state_dict(loaded["ema"])
+            parts.ema.load_sharded_state_dict(loaded["ema"])
             parts.ema.num_updates = int(common["ema_updates"])
         parts.optimizer.load_clip_state_dict(common["clip"])
         parts.scheduler.load_state_dict(common["scheduler"])
@@ -191,11 +196,13 @@ def resume(args: argparse.Namespace, parts: Any, data: Any, state: TrainState, l
 
 
 def checkpoint_sharded_state(parts: Any, loading: bool, weights_only: bool = False) -> dict[str, Any]:
+    from megatron_video.training.checkpoint_state import optimizer_sharded_state
+
     model_sd = model_sharded_state_dict(parts.module)
     out: dict[str, Any] = {"model": model_sd}
     if weights_only:
         return out
-    out["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIM_FORMAT)
+    out["optimizer"] = optimizer_sharded_state(parts.optimizer, model_sd, loading)
     if parts.ema is not None:  # checkpoint keys "ema.<param name>", beside the model's "model.<param name>"
         plain = model_sharded_state_dict(parts.module, prefix="")
         ema = parts.ema.sharded_state_dict(plain, prefix="ema.")
@@ -228,12 +235,16 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         run_forward_backward,
         sum_over_pipeline,
     )
+    from megatron_video.training.checkpoint_safety import checkpoint_refusal, report_refusal
     from megatron_video.training.components import build_components
     from megatron_video.training.data import BatchEncoder, build_data
     from megatron_video.training.flops import training_flops_per_sample, video_tokens
     from megatron_video.training.logger import TrainLogger
 
     args = parse_args(argv, extra_args=extra_args)
+    refusal = checkpoint_refusal(args.load, "--load")
+    if refusal is not None:
+        return report_refusal(refusal)
     if args.model_config is None or args.data_config is None or args.train_iters is None:
         raise SystemExit("training needs --model-config, --data-config and --train-iters")
     backend = init_distributed(args.device, args.distributed_timeout_minutes, args.distributed_backend)
@@ -269,14 +280,19 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
             write_model_config(path, args.model_config)
         log.info("saved checkpoint %s in %.1f s", path, time.monotonic() - started)
 
-    condition = setup(args, parts, encode) if setup is not None else None
     from megatron_video.evaluation.runner import build_evaluator, maybe_evaluate
 
-    evaluator = build_evaluator(args, dp_rank, dp_size, objective, prepare_inputs, condition)
-    if args.load and resume_iteration(args.load) is None:  # --load = --save on a job's first run (preflight.py)
-        log.info("no checkpoint in --load %s yet: starting from scratch", args.load)
-    elif args.load:
-        resume(args, parts, data, state, log)
+    try:
+        condition = setup(args, parts, encode) if setup is not None else None
+        evaluator = build_evaluator(args, dp_rank, dp_size, objective, prepare_inputs, condition)
+        if args.load and resume_iteration(args.load) is None:  # --load = --save on a job's first run (preflight.py)
+            log.info("no checkpoint in --load %s yet: starting from scratch", args.load)
+        elif args.load:
+            resume(args, parts, data, state, log)
+    except CheckpointError as exc:  # every rank reads the same checkpoint and fails alike: one says why
+        if dist.get_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     # extreme batches recorded by any earlier run of this job, even after the checkpoint it resumes from
     on_disk = set(_extreme_ids_on_disk(args.load)) | set(_extreme_ids_on_disk(args.save))
     data.sampler.add_skip_ids(state.extreme.sample_ids() | on_disk)

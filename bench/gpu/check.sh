@@ -30,7 +30,7 @@ if [[ "$DRY" == 1 ]]; then
   "$PYTHON" -m megatron_video.parallel.selfcheck --world-size 2 --tp 2 | tee "$OUT/selfcheck.txt"
   timeout 900 "$PYTHON" bench/gpu/device_check.py --dry --out "$OUT"
 else
-  timeout 90 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 \
+  timeout 60 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 \
     -m megatron_video.parallel.selfcheck --tp 1 --device cuda | tee "$OUT/selfcheck.txt"
-  timeout 390 "$PYTHON" bench/gpu/device_check.py --out "$OUT"
+  timeout 410 "$PYTHON" bench/gpu/device_check.py --out "$OUT"
 fi

@@ -17,12 +17,12 @@ from megatron_video.training.preflight import preflight
 def main(argv: list[str]) -> int:
     preflight(argv, add_i2v_args)  # one clear error (exit 2) before anything heavy; --help without megatron
     from megatron_video.configfile import from_mapping, read_mapping
-    from megatron_video.inpaint.conditioning import i2v_inputs
-    from megatron_video.inpaint.training import check_i2v_configs, i2v_setup
-    from megatron_video.training.loop import pretrain
     from megatron_video.data.config import DataConfig
+    from megatron_video.inpaint.conditioning import i2v_inputs
     from megatron_video.inpaint.config import load_inpaint_config
+    from megatron_video.inpaint.training import check_i2v_configs, i2v_setup
     from megatron_video.models.registry import model_config_from_mapping
+    from megatron_video.training.loop import pretrain
 
     # the inpainting config and its fit with the model / data configs are checked before anything starts
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)

@@ -20,8 +20,8 @@ from megatron_video.training.checkpointing import CheckpointError, publish_check
 from megatron_video.training.preflight import (
     PreflightError,
     check_metadata,
-    check_save,
     check_run,
+    check_save,
     preflight,
 )
 from megatron_video.training.save_dir import LOCK_NAME, SaveDirError, SaveDirLock, lock_identity

@@ -76,7 +76,7 @@ def test_dry_run_command_is_accepted_by_the_trainer(script: str, stage: str, tmp
         (s["tp"], s["micro_batch"], s["global_batch"], s["steps"])
     assert args.lr == pytest.approx(s["lr"]) and args.sequence_parallel == (s["tp"] > 1)
     assert args.data_config.shape.num_frames == s["frames"] and args.data_config.shape.height == s["height"]
-    assert args.model_config.num_heads == 24 and args.save == "out/ck" and args.load is None
+    assert args.model_config.num_heads == 24 and args.save == "out/ck" and args.load == "out/ck"
     assert "--inpaint-config" not in words or i2v
     assert args.recompute_granularity == "selective"
 

@@ -162,3 +162,48 @@ def test_only_the_adaptor_patches_torch_or_megatron():
     assert offenders == {}
     # the detector itself must see the adaptor's patches
     assert _patched_targets(ast.parse((PACKAGE / "adaptor" / "cpu.py").read_text()))
+
+
+def _stop_one_rank(out_dir: str) -> None:
+    """Rank 3 stops (SIGSTOP: alive, silent); every other rank runs one collective on its TP group and one on
+    its DP group, and records how long it took to fail. Rank 0 ends the stopped rank once the others are done."""
+    import signal
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    from megatron_video.parallel import initialize_parallel
+
+    initialize_parallel(tensor_model_parallel_size=2)  # TP groups {0,1} {2,3}, DP groups {0,2} {1,3}
+    rank, out = dist.get_rank(), Path(out_dir)
+    (out / f"pid{rank}").write_text(str(os.getpid()))
+    dist.barrier()
+    if rank == 3:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    start, error = time.monotonic(), ""
+    try:
+        for group in (mpu.get_tensor_model_parallel_group(), mpu.get_data_parallel_group()):
+            dist.all_reduce(torch.ones(1), group=group)
+    except RuntimeError as exc:
+        error = str(exc).splitlines()[0]
+    (out / f"rank{rank}").write_text(f"{time.monotonic() - start}\n{error}")
+    if rank == 0:
+        while not all((out / f"rank{r}").exists() for r in (1, 2)):
+            time.sleep(0.1)
+        os.kill(int((out / "pid3").read_text()), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_stopped_rank_fails_its_peers_within_the_timeout(tmp_path):
+    """The --distributed-timeout-minutes of the default group reaches megatron's model-parallel groups (they
+    had megatron's 30-minute default): with a 6 s timeout, every peer of a stopped rank fails within it.
+    gloo honours a group's timeout (torch.distributed.new_group(timeout=...), "applicable for gloo")."""
+    timeout_s = 6.0
+    with pytest.raises(RankFailure) as info:  # the stopped rank never reports; rank 0 kills it at the end
+        run_distributed(_stop_one_rank, 4, str(tmp_path), timeout=240, collective_timeout_s=timeout_s)
+    assert info.value.rank == 3, str(info.value)
+    for rank in (0, 1, 2):
+        elapsed, error = (tmp_path / f"rank{rank}").read_text().split("\n", 1)
+        assert error, f"rank {rank} did not fail"
+        # rank 0's DP peer (rank 2) only gives up after its own timeout: at most two timeouts, plus scheduling
+        assert float(elapsed) < 2 * timeout_s + 30, (rank, elapsed, error)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ def _job(**changes) -> dict:
         "args": ["--model-config", "m.yaml", "--lr", "6e-5", "--save", "/ckpt/with space"],
         "env": {"STAGE": "video1", "TP": "2"},
         "mounts": [{"name": "data", "host_path": "/mnt/data", "mount_path": "/data", "read_only": True},
-                   {"name": "ckpt", "claim": "ckpt-pvc", "mount_path": "/ckpt"}],
+                   {"name": "ckpt", "claim": "ckpt-pvc", "host_path": "/mnt/ckpt", "mount_path": "/ckpt"}],
         "slurm": {"partition": "p1", "account": "acct", "time": "01:00:00", "extra_directives": ["--exclusive"]},
         "kubernetes": {"namespace": "ns", "queue": "q1"},
     }
@@ -58,13 +60,16 @@ def test_slurm_directives_and_torchrun_line() -> None:
     node_cmd = next(line for line in script.splitlines() if line.startswith("NODE_CMD="))
     cmd = shlex.split(node_cmd)[0][len("NODE_CMD="):]
     words = shlex.split(cmd.split("&&")[-1])
-    assert words[0] == "torchrun"
+    assert words[:2] == ["exec", "torchrun"]  # the node's task is torchrun: a signal to the step reaches it
     assert {"--nnodes=3", "--nproc-per-node=4", "--rdzv-backend=c10d"} <= set(words)
     assert "--rdzv-endpoint=${MASTER_ADDR}:29500" in words
     tail = words[words.index("pretrain_t2v.py"):]
     assert tail == ["pretrain_t2v.py", "--model-config", "m.yaml", "--lr", "6e-5", "--save", "/ckpt/with space",
-                    "--device", "cuda"]
-    assert "--container-mounts=/mnt/data:/data:ro" in script  # the claim is Kubernetes-only
+                    "--load", "/ckpt/with space", "--device", "cuda"]  # a requeued job resumes
+    assert "--container-mounts=/mnt/data:/data:ro,/mnt/ckpt:/ckpt" in script  # data and checkpoints both
+    assert d["--signal"] == "B:USR1@600" and "--requeue" in d
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert '--cpus-per-task="${SLURM_CPUS_ON_NODE}"' in srun  # srun does not inherit it from sbatch
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
 
@@ -78,18 +83,18 @@ def test_slurm_script_runs_with_stub_scheduler(tmp_path: Path) -> None:
                            "done")
     _stub(bin_dir, "torchrun", f'printf "%s\\n" "$@" >> {tmp_path}/torchrun.$RDZV_ID.args; echo ---- >> '
                                f'{tmp_path}/torchrun.$RDZV_ID.args')
-    job = _job(workdir=str(tmp_path), slurm={"container": False})
+    job = _job(workdir=str(tmp_path), slurm={"container": False}, mounts=[])
     script = tmp_path / "job.sbatch"
     script.write_text(slurm_script(job_from_mapping(job)))
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-a[01-03]",
-           "SLURM_JOB_ID": "77"}
+           "SLURM_JOB_ID": "77", "SLURM_CPUS_ON_NODE": "64"}
     result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     runs = (tmp_path / "torchrun.77.args").read_text().split("----\n")[:-1]
     assert len(runs) == 2  # one per node stub
     words = runs[0].splitlines()
     assert "--rdzv-endpoint=gpu-a01:29500" in words and "--rdzv-id=77" in words
-    assert words[-3:] == ["/ckpt/with space", "--device", "cuda"]
+    assert words[-5:] == ["/ckpt/with space", "--load", "/ckpt/with space", "--device", "cuda"]
 
 
 def test_slurm_npu_uses_gres_and_ascend_setup() -> None:
@@ -102,7 +107,8 @@ def test_slurm_launch_script_gets_layout_env() -> None:
     script = slurm_script(job_from_mapping(_job(script="examples/opensoraplan1.5/pretrain_t2v_npu.sh", args=[],
                                                 device="npu")))
     assert "NNODES=3 NODE_RANK=${SLURM_NODEID}" in script and "NPUS_PER_NODE=4" in script
-    assert "torchrun" not in script  # the launch script runs torchrun itself
+    node_cmd = next(line for line in script.splitlines() if line.startswith("NODE_CMD="))
+    assert "torchrun" not in node_cmd and "exec bash" in node_cmd  # the launch script execs torchrun itself
 
 
 def test_pytorchjob_manifest(tmp_path: Path) -> None:
@@ -149,7 +155,8 @@ def test_volcano_manifest_for_ascend() -> None:
     ({"name": "Bad_Name"}, "job name"),
     ({"env": {"HF_TOKEN": "x"}}, "credential"),
     ({"env": {"TP": 2}}, "quote numbers"),
-    ({"mounts": [{"name": "d", "host_path": "/a", "claim": "c", "mount_path": "/d"}]}, "exactly one"),
+    ({"mounts": [{"name": "d", "mount_path": "/d"}]}, "give host_path"),
+    ({"slurm": {"signal_seconds": 5}}, "signal_seconds"),
     ({"script": "train.txt"}, ".py entry point"),
     ({"gpus": 8}, "unknown key"),
 ])
@@ -180,3 +187,60 @@ def test_example_job_descriptions_render() -> None:
 
             name, text = render(str(path), target)
             assert text and name.startswith(yaml.safe_load(path.read_text())["name"])
+
+
+def test_slurm_refuses_mounts_it_cannot_provide() -> None:
+    """A claim-only mount used to be dropped with a comment: the job then wrote its checkpoints into the
+    container, lost at its end."""
+    claim_only = [{"name": "ckpt", "claim": "ckpt-pvc", "mount_path": "/ckpt"}]
+    with pytest.raises(ValueError, match=r"mounts \['ckpt'\] are Kubernetes volume claims only"):
+        slurm_script(job_from_mapping(_job(mounts=claim_only)))
+    with pytest.raises(ValueError, match="need a container"):
+        slurm_script(job_from_mapping(_job(image=None)))
+    with pytest.raises(ValueError, match="cannot be bound"):
+        slurm_script(job_from_mapping(_job(slurm={"container": False})))
+    kubernetes_manifest(job_from_mapping(_job(mounts=claim_only)))  # fine on Kubernetes
+
+
+def test_slurm_usr1_reaches_the_steps_and_requeues(tmp_path: Path) -> None:
+    """The batch script, sent SIGUSR1 (what `--signal=B:USR1@600` does before the time limit), passes it to the
+    job steps with scancel and requeues the job once srun has ended; torchrun is told to forward SIGUSR1."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir, "scontrol", f'if [ "$1" = requeue ]; then echo "requeue $2" >> {tmp_path}/calls; '
+                               'else printf "n01\\n"; fi')
+    _stub(bin_dir, "scancel", f'echo "scancel $*" >> {tmp_path}/calls; touch {tmp_path}/stop')
+    _stub(bin_dir, "srun", f'echo "$PET_SIGNALS_TO_HANDLE $PET_SHUTDOWN_TIMEOUT" > {tmp_path}/pet; touch '
+                           f'{tmp_path}/started; while [ ! -e {tmp_path}/stop ]; do sleep 0.1; done; exit 1')
+    script = tmp_path / "job.sbatch"
+    script.write_text(slurm_script(job_from_mapping(_job(workdir=str(tmp_path), slurm={"container": False},
+                                                         mounts=[]))))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "n01",
+           "SLURM_JOB_ID": "77", "SLURM_CPUS_ON_NODE": "8"}
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "calls").read_text().splitlines() == ["scancel --signal=USR1 77", "requeue 77"]
+    assert (tmp_path / "pet").read_text().split() == ["SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "540"]
+
+
+def test_kubernetes_jobs_resume_and_give_time_to_save() -> None:
+    manifest = kubernetes_manifest(job_from_mapping(_job()))
+    pod = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert "--load '/ckpt/with space'" in pod["containers"][0]["command"][2]
+    assert pod["terminationGracePeriodSeconds"] == 900
+    assert {"name": "PET_SHUTDOWN_TIMEOUT", "value": "840"} in pod["containers"][0]["env"]
+
+
+def test_volcano_pods_carry_the_ascend_ring_controller_label() -> None:
+    """MindCluster's device plugin and Volcano identify Atlas pods by the pod label `ring-controller.atlas`
+    (hiascend.com MindCluster documentation, "Pod labels of the cluster scheduling components")."""
+    job = job_from_mapping(_job(device="npu", script="examples/opensoraplan1.5/pretrain_t2v_npu.sh", args=[]))
+    manifest = kubernetes_manifest(job, "volcano")
+    template = manifest["spec"]["tasks"][0]["template"]
+    assert template["metadata"]["labels"] == {"ring-controller.atlas": "ascend-910b"}
+    assert manifest["metadata"]["labels"]["ring-controller.atlas"] == "ascend-910b"

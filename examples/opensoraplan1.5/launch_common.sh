@@ -6,7 +6,8 @@
 #   stage      STAGE [video1]: fills TP, MBS, GBS, LR, TRAIN_ITERS from stage_defaults.sh (= stages.yaml)
 #   layout     TP  CP [1]  PP [1]  MBS  GBS  RECOMPUTE [selective: the FFN half, as the training fork | full | none]
 #   files      MODEL_CONFIG [model.yaml here]  DATA_CONFIG [data/$STAGE.yaml here]  SAVE_DIR [checkpoints/$STAGE]
-#              LOAD_DIR [unset: start fresh; the trainer resumes from its latest checkpoint there]
+#              LOAD_DIR [$SAVE_DIR: resume from its latest checkpoint; a job's first run finds none there and
+#                        starts from scratch; LOAD_DIR= (empty) never loads]
 #              TENSORBOARD_DIR [$SAVE_DIR/tensorboard]  VAE_PATH T5_PATH CLIP_PATH [unset: use the feature cache]
 #   schedule   LR  TRAIN_ITERS  SAVE_INTERVAL [1000]  LOG_INTERVAL [10]  SEED [1234]  PEAK_TFLOPS [per device]
 #   i2v only   INPAINT_CONFIG [examples/i2v/inpaint.yaml]  INIT_FROM_T2V [unset] (MODEL_CONFIG defaults to model_i2v.yaml)
@@ -29,7 +30,7 @@ mv_launch() {
     : "${MODEL_CONFIG:=${here}/model_i2v.yaml}" "${INPAINT_CONFIG:=${repo}/examples/i2v/inpaint.yaml}"
   fi
   : "${MODEL_CONFIG:=${here}/model.yaml}" "${DATA_CONFIG:=${here}/data/${STAGE}.yaml}"
-  : "${SAVE_DIR:=checkpoints/${STAGE}}" "${TENSORBOARD_DIR:=${SAVE_DIR}/tensorboard}"
+  : "${SAVE_DIR:=checkpoints/${STAGE}}" "${TENSORBOARD_DIR:=${SAVE_DIR}/tensorboard}" "${LOAD_DIR=${SAVE_DIR}}"
   : "${SAVE_INTERVAL:=1000}" "${LOG_INTERVAL:=10}" "${SEED:=1234}" "${TORCHRUN:=torchrun}"
 
   local n

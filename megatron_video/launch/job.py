@@ -9,7 +9,7 @@
     script: pretrain_t2v.py         # a .py entry point (run under torchrun) or a launch .sh
     args: [--model-config, examples/opensoraplan1.5/model.yaml, ...]
     env: {STAGE: video1}
-    mounts: [{name: data, host_path: /mnt/data, mount_path: /data}]   # or claim: <pvc name>
+    mounts: [{name: data, host_path: /mnt/data, mount_path: /data}]   # and/or claim: <pvc name>
     slurm: {partition: a100, account: proj, time: "72:00:00"}
     kubernetes: {namespace: training, queue: default}
 
@@ -34,8 +34,8 @@ _SECRET_HINT = re.compile(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY|PRIVATE_KEY)", re.
 class Mount:
     name: str
     mount_path: str
-    host_path: str | None = None  # a node directory (Slurm: bind into the container)
-    claim: str | None = None  # a Kubernetes PersistentVolumeClaim
+    host_path: str | None = None  # a node directory (Slurm: bound into the container; Kubernetes: hostPath)
+    claim: str | None = None  # a Kubernetes PersistentVolumeClaim (used instead of host_path on Kubernetes)
     read_only: bool = False
 
 
@@ -48,6 +48,9 @@ class SlurmOptions:
     mem: str | None = None
     output: str = "%x-%j.out"
     container: bool = True  # pyxis/enroot `--container-image`; false runs on the host environment
+    # SIGUSR1 arrives this many seconds before the time limit: the trainers save and exit, the job is requeued
+    signal_seconds: int = 600
+    requeue: bool = True
     extra_directives: list[str] = field(default_factory=list)  # e.g. ["--exclusive", "--qos=high"]
 
 
@@ -64,6 +67,12 @@ class KubernetesOptions:
     memory: str | None = None
     shm_size: str = "64Gi"
     max_retry: int = 3
+    # time between SIGTERM and SIGKILL when a pod is stopped: the trainers save a checkpoint in it
+    termination_grace_seconds: int = 900
+    # Ascend (Volcano): the pod label MindCluster's device plugin, operator and Volcano read to identify
+    # Atlas pods (`ring-controller.atlas`: ascend-910 or ascend-{xxx}b, hiascend.com MindCluster docs,
+    # "Pod labels of the cluster scheduling components", dlug_api_173)
+    ring_controller: str = "ascend-910b"
 
 
 @dataclass
@@ -91,6 +100,9 @@ class JobSpec:
             raise ConfigError(f"device must be 'gpu' or 'npu', got {self.device!r}")
         if not (self.script.endswith(".py") or self.script.endswith(".sh")):
             raise ConfigError(f"script {self.script!r} must be a .py entry point or a .sh launch script")
+        if self.slurm.signal_seconds < 60 or self.kubernetes.termination_grace_seconds < 60:
+            raise ConfigError("slurm.signal_seconds and kubernetes.termination_grace_seconds must be >= 60: the "
+                              "trainers need the time to finish a step and save")
         if not 1 <= self.master_port <= 65535:
             raise ConfigError(f"master_port must be a TCP port, got {self.master_port}")
         for key, value in self.env.items():
@@ -103,8 +115,8 @@ class JobSpec:
                 raise ConfigError(f"env: {key} must be a string (quote numbers in YAML), got {value!r}")
         names = set()
         for m in self.mounts:
-            if (m.host_path is None) == (m.claim is None):
-                raise ConfigError(f"mount {m.name!r}: give exactly one of host_path or claim")
+            if m.host_path is None and m.claim is None:
+                raise ConfigError(f"mount {m.name!r}: give host_path (Slurm, Kubernetes), claim (Kubernetes) or both")
             if not m.mount_path.startswith("/"):
                 raise ConfigError(f"mount {m.name!r}: mount_path must be absolute, got {m.mount_path!r}")
             if not _NAME.match(m.name) or m.name in names:

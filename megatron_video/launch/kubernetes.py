@@ -3,6 +3,10 @@
 Both use the static rendezvous: PyTorchJob gives every pod MASTER_ADDR (the master pod's service) and RANK
 (the pod index); Volcano's `svc` plugin gives pods stable names `<job>-worker-<i>.<job>` and its `env` plugin
 the index VC_TASK_INDEX.
+
+A stopped pod (preemption, eviction) gets SIGTERM and `termination_grace_seconds` before SIGKILL; torchrun
+forwards SIGTERM to the trainers and waits for them that long minus a minute (`PET_SHUTDOWN_TIMEOUT`, its
+default is 30 s), so they save before they exit. A restarted job resumes (`--load` = `--save`, commands.py).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def _container(job: JobSpec, name: str, command: str, extra_env: dict[str, str])
     for key, value in (("cpu", k.cpu), ("memory", k.memory)):
         if value is not None:
             limits[key] = requests[key] = value
-    env = {**job.env, **extra_env}
+    env = {**job.env, "PET_SHUTDOWN_TIMEOUT": str(max(k.termination_grace_seconds - 60, 30)), **extra_env}
     _, mounts = _volumes(job)
     container: dict[str, Any] = {
         "name": name, "image": job.image, "imagePullPolicy": "IfNotPresent",
@@ -58,7 +62,8 @@ def _container(job: JobSpec, name: str, command: str, extra_env: dict[str, str])
 def _pod_spec(job: JobSpec, container: dict[str, Any], restart: str) -> dict[str, Any]:
     k = job.kubernetes
     volumes, _ = _volumes(job)
-    spec: dict[str, Any] = {"restartPolicy": restart, "containers": [container], "volumes": volumes}
+    spec: dict[str, Any] = {"restartPolicy": restart, "containers": [container], "volumes": volumes,
+                            "terminationGracePeriodSeconds": k.termination_grace_seconds}
     if k.node_selector:
         spec["nodeSelector"] = dict(k.node_selector)
     if k.service_account:
@@ -116,9 +121,14 @@ def volcano_manifest(job: JobSpec) -> dict[str, Any]:
         "tasks": [{"name": "worker", "replicas": job.nodes,
                    "template": {"spec": _pod_spec(job, container, "Never")}}],
     }
+    metadata = _metadata(job)
+    if job.device == "npu":  # MindCluster's device plugin and Volcano read it from the pods (and the job)
+        labels = {"ring-controller.atlas": job.kubernetes.ring_controller}
+        spec["tasks"][0]["template"]["metadata"] = {"labels": labels}
+        metadata["labels"] = {**labels, **metadata["labels"]}
     if job.kubernetes.queue:
         spec["queue"] = job.kubernetes.queue
-    return {"apiVersion": "batch.volcano.sh/v1alpha1", "kind": "Job", "metadata": _metadata(job), "spec": spec}
+    return {"apiVersion": "batch.volcano.sh/v1alpha1", "kind": "Job", "metadata": metadata, "spec": spec}
 
 
 def kubernetes_manifest(job: JobSpec, kind: str | None = None) -> dict[str, Any]:

@@ -1,4 +1,12 @@
-"""A Slurm batch script: one task per node (srun) running torchrun with the c10d rendezvous."""
+"""A Slurm batch script: one task per node (srun) running torchrun with the c10d rendezvous.
+
+Ending before the time limit without losing work: `--signal=B:USR1@N` sends SIGUSR1 to the batch shell N
+seconds before the limit; the shell passes it to the job steps (`scancel --signal=USR1`, which by default
+signals the steps and not the batch shell itself, Slurm's scancel(1)), torchrun forwards it to the trainers
+(`PET_SIGNALS_TO_HANDLE`, torchrun's `--signals-to-handle`) and gives them up to N - 60 s to exit
+(`PET_SHUTDOWN_TIMEOUT`), the trainers save and exit as on SIGTERM, and the shell requeues the job
+(`--requeue`), whose next run resumes from `--save` (commands.py adds `--load` = `--save`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,9 @@ import shlex
 
 from megatron_video.launch.commands import node_command
 from megatron_video.launch.job import JobSpec
+
+# torchrun's default list plus SIGUSR1, which would otherwise end torchrun itself (its default action)
+SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
 def sbatch_directives(job: JobSpec) -> list[str]:
@@ -19,12 +30,42 @@ def sbatch_directives(job: JobSpec) -> list[str]:
                         ("cpus-per-task", s.cpus_per_task), ("mem", s.mem)):
         if value is not None:
             lines.append(f"--{flag}={value}")
+    lines.append(f"--signal=B:USR1@{s.signal_seconds}")
+    if s.requeue:
+        lines.append("--requeue")
     lines += s.extra_directives
     return lines
 
 
+def _container_flags(job: JobSpec) -> list[str]:
+    """pyxis flags: the image, every mount bound into it, the working directory. A mount Slurm cannot provide
+    is an error here, not a run that fails (or writes its checkpoints inside the container) hours later."""
+    if not job.slurm.container:
+        moved = [m.name for m in job.mounts if m.host_path != m.mount_path]
+        if moved:
+            raise ValueError(f"slurm.container is false, so mounts {moved} cannot be bound: give them "
+                             "host_path = mount_path (the paths the job sees on the host) or run in a container")
+        return []
+    if not job.image:
+        if job.mounts:
+            raise ValueError("the mounts need a container to be bound into: give `image` (or slurm.container: false)")
+        return []
+    claims_only = [m.name for m in job.mounts if m.host_path is None]
+    if claims_only:
+        raise ValueError(f"mounts {claims_only} are Kubernetes volume claims only; under Slurm give each a "
+                         "host_path too (the node directory holding that volume)")
+    flags = [f"--container-image={shlex.quote(job.image)}"]
+    if job.mounts:
+        binds = ",".join(f"{m.host_path}:{m.mount_path}" + (":ro" if m.read_only else "") for m in job.mounts)
+        flags.append(f"--container-mounts={shlex.quote(binds)}")
+    if job.workdir:
+        flags.append(f"--container-workdir={shlex.quote(job.workdir)}")
+    return flags
+
+
 def slurm_script(job: JobSpec) -> str:
     job.validate()
+    s = job.slurm
     out = ["#!/bin/bash"]
     out += [f"#SBATCH {d}" for d in sbatch_directives(job)]
     out += [
@@ -36,27 +77,36 @@ def slurm_script(job: JobSpec) -> str:
         f"MASTER_PORT={job.master_port}",
         'RDZV_ID="${SLURM_JOB_ID}"',
         "export MASTER_ADDR MASTER_PORT RDZV_ID",
+        "# torchrun forwards SIGUSR1 to the trainers and gives them time to save before it kills them",
+        f"export PET_SIGNALS_TO_HANDLE={SIGNALS_TO_HANDLE} PET_SHUTDOWN_TIMEOUT={max(s.signal_seconds - 60, 30)}",
     ]
     for key, value in sorted(job.env.items()):
         out.append(f"export {key}={shlex.quote(value)}")
     # single quotes keep $SLURM_NODEID & co. for each node to expand
     cmd = node_command(job, "c10d", "${SLURM_NODEID}", "${MASTER_ADDR}")
     out += ["", f"NODE_CMD={shlex.quote(cmd)}", ""]
-    srun = ["srun", "--kill-on-bad-exit=1", f"--nodes={job.nodes}", "--ntasks-per-node=1"]
-    if job.slurm.container and job.image:
-        srun.append(f"--container-image={shlex.quote(job.image)}")
-        if job.mounts:
-            binds = ",".join(f"{m.host_path}:{m.mount_path}" + (":ro" if m.read_only else "")
-                             for m in job.mounts if m.host_path is not None)
-            if binds:
-                srun.append(f"--container-mounts={shlex.quote(binds)}")
-        if job.workdir:
-            srun.append(f"--container-workdir={shlex.quote(job.workdir)}")
-    skipped = [m.name for m in job.mounts if m.claim is not None]
-    if skipped:
-        out.append(f"# mounts {', '.join(skipped)} are Kubernetes volume claims; not used under Slurm")
-    out.append(" ".join(srun) + ' bash -c "${NODE_CMD}"')
+    # since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: the data loaders need the node's CPUs
+    cpus = s.cpus_per_task if s.cpus_per_task is not None else "${SLURM_CPUS_ON_NODE}"
+    srun = ["srun", "--kill-on-bad-exit=1", f"--nodes={job.nodes}", "--ntasks-per-node=1",
+            f'--cpus-per-task="{cpus}"' if isinstance(cpus, str) else f"--cpus-per-task={cpus}",
+            *_container_flags(job)]
+    out += [
+        f"# SIGUSR1 {s.signal_seconds} s before the time limit: to the job steps (not this shell), then requeue",
+        "SIGNALLED=0",
+        "trap 'SIGNALLED=1; scancel --signal=USR1 \"${SLURM_JOB_ID}\"' USR1",
+        " ".join(srun) + ' bash -c "${NODE_CMD}" &',
+        "SRUN_PID=$!",
+        "RC=0",
+        '# `wait` returns early when the trap runs; wait again until srun itself has ended',
+        'while true; do wait "${SRUN_PID}" && RC=0 || RC=$?; kill -0 "${SRUN_PID}" 2>/dev/null || break; done',
+        "if (( SIGNALLED )); then",
+        *(['  scontrol requeue "${SLURM_JOB_ID}"  # the next run resumes from the checkpoint just saved']
+          if s.requeue else ["  :  # requeue is off: resubmit the job to resume"]),
+        "  exit 0",
+        "fi",
+        'exit "${RC}"',
+    ]
     return "\n".join(out) + "\n"
 
 
-__all__ = ["sbatch_directives", "slurm_script"]
+__all__ = ["SIGNALS_TO_HANDLE", "sbatch_directives", "slurm_script"]

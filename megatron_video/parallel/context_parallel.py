@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from megatron_video.models.suv_mmdit.config import SUVConfig
 from megatron_video.models.suv_mmdit.skiparse import pad_sequence, repeat_text
+from megatron_video.parallel.initialize import group_timeout
 from megatron_video.parallel.skiparse_layout import (
     BlockPlan,
     Geometry,
@@ -80,7 +81,7 @@ def _ulysses_subgroup(size: int) -> dist.ProcessGroup:
             members = ranks[start:start + size]
             key = (size, members)
             if key not in _SUBGROUPS:
-                _SUBGROUPS[key] = dist.new_group(list(members))
+                _SUBGROUPS[key] = dist.new_group(list(members), timeout=group_timeout())
             if dist.get_rank() in members:
                 found = _SUBGROUPS[key]
     if found is None:

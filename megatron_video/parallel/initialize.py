@@ -11,15 +11,27 @@ import torch.distributed as dist
 from megatron_video.adaptor import DeviceBackend, setup_device
 from megatron_video.parallel.config import ParallelConfig
 
+# The collective timeout the default group was created with; every group built later gets the same one (torch
+# and megatron would otherwise give each new group their own 30-minute default, and a stopped rank would hang
+# its model-parallel peers for that long whatever --distributed-timeout-minutes says).
+_TIMEOUT_MINUTES = 10.0
+
+
+def group_timeout() -> datetime.timedelta:
+    """The timeout for a new process group: the one `init_distributed` was given."""
+    return datetime.timedelta(minutes=_TIMEOUT_MINUTES)
+
 
 def init_distributed(
     device: str | None = None, timeout_minutes: float = 10.0, backend: str | None = None
 ) -> DeviceBackend:
     """Set up the device backend and the default process group from torchrun's environment
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). A single process without those runs as world 1."""
+    global _TIMEOUT_MINUTES
     device_backend = setup_device(device)
     if dist.is_initialized():
         return device_backend
+    _TIMEOUT_MINUTES = timeout_minutes
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device_backend.set_device(local_rank)
     timeout = datetime.timedelta(minutes=timeout_minutes)
@@ -41,7 +53,8 @@ def initialize_parallel(
     context_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: int | None = None,
 ) -> ParallelConfig:
-    """Build megatron-core's TP/CP/DP/PP groups (rank order tp-cp-dp-pp, as Megatron) on the default group."""
+    """Build megatron-core's TP/CP/DP/PP groups (rank order tp-cp-dp-pp, as Megatron) on the default group, with
+    the default group's collective timeout."""
     from megatron.core import parallel_state as mpu
 
     config = ParallelConfig(
@@ -61,6 +74,7 @@ def initialize_parallel(
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
         order="tp-cp-ep-dp-pp",
+        distributed_timeout_minutes=_TIMEOUT_MINUTES,
     )
     return config
 

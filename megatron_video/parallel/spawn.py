@@ -37,7 +37,7 @@ def free_port() -> int:
 
 def _worker(
     rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict,
-    results: mp.Queue, env: dict[str, str], threads: int, timeout_s: float,
+    results: mp.Queue, env: dict[str, str], threads: int, collective_timeout_s: float,
 ) -> None:
     os.environ.update(env)
     os.environ.update(
@@ -50,7 +50,7 @@ def _worker(
     try:
         from megatron_video.parallel.initialize import destroy_parallel, init_distributed
 
-        init_distributed("cpu", timeout_minutes=timeout_s / 60.0)
+        init_distributed("cpu", timeout_minutes=collective_timeout_s / 60.0)
         value = fn(*args, **kwargs)
         results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - every failure, SystemExit included, is reported to the parent
@@ -84,9 +84,11 @@ def run_distributed(
     timeout: float = 300.0,
     env: dict[str, str] | None = None,
     threads_per_rank: int | None = None,
+    collective_timeout_s: float | None = None,
     **kwargs: Any,
 ) -> list[Any]:
-    """Run module-level `fn` on `world_size` CPU ranks; return the per-rank results in rank order."""
+    """Run module-level `fn` on `world_size` CPU ranks; return the per-rank results in rank order. Collectives
+    time out after `collective_timeout_s` (default: `timeout`)."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     ctx = mp.get_context("forkserver")
@@ -97,7 +99,8 @@ def run_distributed(
     procs = [
         ctx.Process(
             target=_worker,
-            args=(rank, world_size, port, fn, args, kwargs, results, dict(env or {}), threads, timeout),
+            args=(rank, world_size, port, fn, args, kwargs, results, dict(env or {}), threads,
+                  collective_timeout_s or timeout),
             daemon=False,  # ranks may start children (dist_checkpointing writers); killed in `finally`
         )
         for rank in range(world_size)

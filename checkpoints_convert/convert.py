@@ -45,6 +45,7 @@ from checkpoints_convert.sources import INDEX_NAME, WEIGHTS_NAME, ReleasedSource
 from checkpoints_convert.tensorio import MappedSafetensors, SafetensorsWriter, save_pt_from_safetensors
 from megatron_video.models.suv_mmdit.config import SUVConfig
 from megatron_video.models.suv_mmdit.state_dict_adapter import from_released_key
+from megatron_video.progress import progress
 
 DIST_NEEDS_NO_RESHARD = (
     "{path} is a dist (megatron dist_checkpointing) checkpoint: its tensors are stored in global shapes, so it "
@@ -80,7 +81,8 @@ def import_released(source: ReleasedSource, out: str | Path, cfg: SUVConfig, fmt
         if (tp, pp) != (1, 1):
             raise LayoutError("a dist checkpoint is layout-free (global shapes; it loads at any TP x PP): "
                               "--tp/--pp apply only with --format legacy")
-        tensors = {from_released_key(k, cfg): source.get(k) for k, s in schema.items() if s is not None}
+        keys = [k for k, s in schema.items() if s is not None]
+        tensors = {from_released_key(k, cfg): source.get(k) for k in progress(keys, desc="import", unit="tensor")}
         return write_dist(out, iteration, tensors)
     if fmt != "legacy":
         raise ValueError(f"unknown checkpoint format {fmt!r} (dist or legacy)")
@@ -105,7 +107,7 @@ def write_legacy(out: str | Path, iteration: int, cfg: SUVConfig, schema: dict[s
             directory.mkdir()
             entries = {k: (reader.dtype(k), tp_shard_shape(k, schema[k], tp)) for k in tensors}
             writers.append(SafetensorsWriter(directory / "staging.safetensors", entries))
-        for key in tensors:
+        for key in progress(tensors, desc=f"pipeline stage {stage}", unit="tensor"):
             full = reader.get(key)
             for rank, writer in enumerate(writers):
                 writer.write(key, tp_slice(key, full, tp, rank))
@@ -155,7 +157,7 @@ def export_checkpoint(reader: Reader, cfg: SUVConfig, what: str, safetensors: st
     primary = Path(safetensors) if safetensors else outputs[0].with_name(outputs[0].name + ".staging.safetensors")
     writer = SafetensorsWriter(primary, entries, metadata={"format": "pt"})
     try:
-        for key in tensor_keys:
+        for key in progress(tensor_keys, desc=f"export {primary.name}", unit="tensor"):
             if key in shapes:
                 writer.write(key, reader.get(key))
                 reader.release(key)

@@ -78,7 +78,9 @@ def test_dry_run_command_is_accepted_by_the_trainer(script: str, stage: str, tmp
     assert args.data_config.shape.num_frames == s["frames"] and args.data_config.shape.height == s["height"]
     assert args.model_config.num_heads == 24 and args.save == "out/ck" and args.load == "out/ck"
     assert "--inpaint-config" not in words or i2v
-    assert args.recompute_granularity == "selective"
+    assert args.recompute_granularity == "selective" and args.recompute_modules == ["mlp"]  # the FFN half
+    # the released recipe, passed explicitly (the trainer's defaults are Megatron's: docs/FLAGS.md)
+    assert (args.lr_decay_style, args.weight_decay, args.adam_eps) == ("constant", 1e-4, 1e-15)
 
 
 def test_environment_overrides_everything(tmp_path: Path) -> None:

@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.distributed.barrier()  # every rank's shards are on disk before the index is merged
     merged = merge_index(a.out) if a.rank == 0 else False
     print(f"rank {a.rank}: {report.shards_done} shards written, {report.shards_skipped} already done, "
-          f"{report.samples} samples, {report.bad_samples} bad, {time.perf_counter() - t0:.1f} s"
-          + ("; index.parquet written" if merged else ""))
+          f"{time.perf_counter() - t0:.1f} s; {report.summary()}" + ("; index.parquet written" if merged else ""))
     if distributed:
         torch.distributed.destroy_process_group()
     return 0

@@ -16,7 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from megatron_video.progress import progress  # noqa: E402
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 70), "blue": (50, 80, 230), "yellow": (240, 220, 40),
            "white": (245, 245, 245), "orange": (250, 140, 20), "purple": (150, 60, 200)}
@@ -62,7 +66,7 @@ def make(out: Path, num_videos: int = 16, num_images: int = 6, seed: int = 0) ->
     (out / "videos").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
     videos, images = [], []
-    for i in range(num_videos):
+    for i in progress(range(num_videos), desc="sample videos", unit="video"):
         h, w = RESOLUTIONS[i % len(RESOLUTIONS)]
         fps = FPS[(i // len(RESOLUTIONS) + i) % len(FPS)]
         n = int(rng.integers(fps, 3 * fps + 1))  # 1 to 3 seconds
@@ -88,7 +92,7 @@ def make(out: Path, num_videos: int = 16, num_images: int = 6, seed: int = 0) ->
         if i % 7 == 3:
             entry["crop"] = [4, w - 4, 2, h - 2]
         videos.append(entry)
-    for i in range(num_images):
+    for i in progress(range(num_images), desc="sample images", unit="image"):
         h, w = RESOLUTIONS[(i + 2) % len(RESOLUTIONS)]
         fg_name, bg_name = rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS))
         shape = ["square", "circle"][i % 2]

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +25,7 @@ from megatron_video.data.decode import DecodeError
 from megatron_video.data.encoders import LATENT_KINDS
 from megatron_video.data.metadata import MetadataError
 from megatron_video.data.shapes import decode_key
+from megatron_video.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,16 @@ class CacheReport:
     shards_skipped: int = 0
     samples: int = 0
     bad_samples: int = 0
+    filtered: dict[str, int] = field(default_factory=dict)  # dropped by shape planning, by reason (all shards)
+    bad_reasons: dict[str, int] = field(default_factory=dict)  # failed to read, by error type (this rank)
+
+    def summary(self) -> str:
+        """How many samples were cached, filtered and unreadable, and why."""
+        def reasons(counts: dict[str, int]) -> str:
+            return " (" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ")" if counts else ""
+
+        return (f"{self.samples} samples cached; {sum(self.filtered.values())} filtered by the shape rules"
+                f"{reasons(self.filtered)}; {self.bad_samples} unreadable{reasons(self.bad_reasons)}")
 
 
 def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -105,30 +116,34 @@ def build_cache(dataset: VideoDataset, out_dir: str | os.PathLike, video_encoder
         tensors = {"t5": hidden[0].to(dtype).contiguous(), "t5_mask": mask[0].to(torch.int8).contiguous(),
                    "clip": pooled[0].to(dtype).contiguous()}
         _write_atomic(out / "empty_text.safetensors", lambda p: save_file(tensors, p))
-    report = CacheReport()
-    for s in range(rank, num_shards, world_size):
-        if (out / f"{shard_name(s)}.parquet").exists():
-            report.shards_skipped += 1
-            continue
+    report = CacheReport(filtered=dataset.plan.drop_summary())
+    todo = [s for s in range(rank, num_shards, world_size) if not (out / f"{shard_name(s)}.parquet").exists()]
+    report.shards_skipped = len(range(rank, num_shards, world_size)) - len(todo)
+    bar = progress(total=sum(len(ids[s * shard_size:(s + 1) * shard_size]) for s in todo),
+                   desc=f"cache rank {rank}", unit="sample")
+    for s in todo:
         rows, tensors = _encode_shard(dataset, ids[s * shard_size:(s + 1) * shard_size], video_encoder,
-                                      text_encoder, batch_size, dtype, report)
+                                      text_encoder, batch_size, dtype, report, bar)
         for r in rows:
             r["shard"] = s
         _write_atomic(out / f"{shard_name(s)}.safetensors", lambda p, t=tensors: save_file(t, p))
         _write_atomic(out / f"{shard_name(s)}.parquet", lambda p, r=rows: _write_rows(r, p))
         report.shards_done += 1
         logger.info("cache: rank %d wrote shard %d/%d (%d samples)", rank, s + 1, num_shards, len(rows))
+    bar.close()
     return report
 
 
 def _encode_shard(dataset: VideoDataset, ids: np.ndarray, video_encoder: VideoEncoderFn | None,
-                  text_encoder: TextEncoderFn | None, batch_size: int, dtype: torch.dtype, report: CacheReport
-                  ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+                  text_encoder: TextEncoderFn | None, batch_size: int, dtype: torch.dtype, report: CacheReport,
+                  bar: Any = None) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     rows: list[dict[str, Any]] = []
     tensors: dict[str, torch.Tensor] = {}
     clips: dict[int, list[tuple[int, torch.Tensor]]] = {}  # shape key -> [(sample id, video)]
     texts: list[tuple[int, int, str]] = []
     for sid in ids.tolist():
+        if bar is not None:
+            bar.update(1)  # decoding dominates; the encoders then run over the shard in batches
         t, h, w = decode_key(dataset.plan.keys[sid])
         row = {"sample_id": sid, "ok": True, "t": t, "h": h, "w": w, "captions": [], "latent_shape": []}
         try:
@@ -139,6 +154,7 @@ def _encode_shard(dataset: VideoDataset, ids: np.ndarray, video_encoder: VideoEn
         except (DecodeError, MetadataError) as e:
             dataset.bad_samples.record(sid, e)
             report.bad_samples += 1
+            report.bad_reasons[type(e).__name__] = report.bad_reasons.get(type(e).__name__, 0) + 1
             row["ok"] = False
             rows.append(row)
             continue

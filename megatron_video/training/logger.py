@@ -37,7 +37,7 @@ COLUMNS = (
     ("grad_norm", "grad norm", "{:.3f}"),
     ("skipped", "number of skipped iterations", "{:3.0f}"),
     ("video_tokens_per_s", "video tokens per second", "{:.1f}"),
-    ("tflops_per_device", "TFLOP/s per device", "{:.3f}"),
+    ("tflops_per_device", "TFLOP/s per device", "{:.3g}"),
     ("mfu", "MFU (%)", "{:.2f}"),
     ("mem_gib", "max memory (GiB)", "{:.2f}"),
 )
@@ -48,7 +48,9 @@ def _is_off(name: str, value: float | None) -> bool:
 
 
 def _number(value: float) -> str:
-    if value == 0 or 1e-3 <= abs(value) < 1e5:
+    if math.isfinite(value) and value == int(value) and abs(value) < 1e15:
+        return str(int(value))  # counts
+    if 1e-3 <= abs(value) < 1e5:
         return f"{value:.4f}"
     return f"{value:.3e}"
 

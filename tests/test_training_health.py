@@ -25,15 +25,8 @@ from megatron_video.data.cache import FeatureCacheDataset
 from megatron_video.data.config import DataConfig
 from megatron_video.data.sampler import ShapeBatchSampler
 from megatron_video.training.checkpointing import iteration_dir, latest_iteration
-from tests.training_fixtures import (
-    TrainingSetup,
-    kill_group,
-    losses,
-    make_training_setup,
-    run_training,
-    start_training,
-    train_args,
-)
+from tests import training_fixtures as fx
+from tests.training_fixtures import TrainingSetup
 
 pytestmark = pytest.mark.slow
 GBS = 4
@@ -41,7 +34,7 @@ GBS = 4
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> TrainingSetup:
-    return make_training_setup(tmp_path_factory.mktemp("health"))
+    return fx.make_training_setup(tmp_path_factory.mktemp("health"))
 
 
 def epoch_batches(setup: TrainingSetup, epoch: int) -> list[list[int]]:
@@ -78,20 +71,20 @@ def test_resume_after_an_extreme_step_is_exact(setup: TrainingSetup, tmp_path: P
                if all(any(i in b for b in epoch_batches(setup, e)) for e in (1, 2)))
     data = poisoned(setup, tmp_path / "data", [bad])
     common = ("--clip-grad-ema-decay", "0.99")
-    code, log = run_training(1, train_args(data, 12, *common, "--save", str(tmp_path / "full")))
+    code, log = fx.run_training(1, fx.train_args(data, 12, *common, "--save", str(tmp_path / "full")))
     assert code == 0, log[-3000:]
-    uninterrupted = losses(log)
+    uninterrupted = fx.losses(log)
     entries = extreme_entries(tmp_path / "full")
     # only the first meeting is extreme: the sample's later batches are skipped, not trained on again
     assert [(e["iteration"], e["epoch"]) for e in entries] == [(2, 0)] and bad in entries[0]["sample_ids"]
     assert sorted(uninterrupted) == [i for i in range(1, 13) if i != 2]  # iteration 2 logs loss nan
 
     save = tmp_path / "ckpt"
-    code, log = run_training(1, train_args(data, 4, *common, "--save", str(save)))
+    code, log = fx.run_training(1, fx.train_args(data, 4, *common, "--save", str(save)))
     assert code == 0, log[-3000:]
-    code, log = run_training(1, train_args(data, 12, *common, "--save", str(save), "--load", str(save)))
+    code, log = fx.run_training(1, fx.train_args(data, 12, *common, "--save", str(save), "--load", str(save)))
     assert code == 0, log[-3000:]
-    resumed = losses(log)
+    resumed = fx.losses(log)
     assert sorted(resumed) == list(range(5, 13))
     for iteration, loss in resumed.items():
         assert loss == uninterrupted[iteration], (iteration, loss, uninterrupted[iteration])
@@ -109,7 +102,7 @@ def test_non_finite_streak_stops_and_keeps_the_last_finite_checkpoint(setup: Tra
     assert late, "need a sample of iteration 5 that epoch 0 left out"
     data = poisoned(setup, tmp_path / "data", [first[1][0], first[3][0], late[0]])
     save = tmp_path / "ckpt"
-    code, log = run_training(1, train_args(data, 6, "--save", str(save), "--save-interval", "1",
+    code, log = fx.run_training(1, fx.train_args(data, 6, "--save", str(save), "--save-interval", "1",
                                            "--keep-last-checkpoints", "1", "--max-consecutive-extreme-steps", "2"))
     assert code != 0, log[-3000:]
     assert "iteration 2: non-finite loss or grad norm, checkpoint postponed" in log
@@ -128,12 +121,12 @@ def test_extreme_log_covering_every_sample_fails_fast(setup: TrainingSetup, tmp_
     (save / "extreme_batches.jsonl").write_text(
         json.dumps({"iteration": 1, "grad_norm": float("nan"), "sample_ids": every}) + "\n")
     log_path = tmp_path / "job.log"
-    proc = start_training(1, train_args(setup, 3, "--save", str(save)), log_path)
+    proc = fx.start_training(1, fx.train_args(setup, 3, "--save", str(save)), log_path)
     started = time.monotonic()
     try:
         code = proc.wait(timeout=120)
     except Exception:
-        kill_group(proc, signal.SIGKILL)
+        fx.kill_group(proc, signal.SIGKILL)
         raise
     text = log_path.read_text()
     assert code != 0 and time.monotonic() - started < 120, text[-3000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -254,6 +255,7 @@ def validate_args(args: argparse.Namespace, world_size: int, num_heads: int | No
                             "--recompute-method block to recompute the first N blocks of each pipeline stage")
     if args.recompute_modules is not None and args.recompute_granularity != "selective":
         raise ArgumentError("--recompute-modules needs --recompute-granularity selective")
+    validate_hyperparameters(args)
     if args.clip_grad < 0:
         raise ArgumentError(f"--clip-grad must be >= 0, got {args.clip_grad}")
     if args.clip_grad_ema_decay is not None and not 0.0 < args.clip_grad_ema_decay < 1.0:
@@ -266,6 +268,26 @@ def validate_args(args: argparse.Namespace, world_size: int, num_heads: int | No
         raise ArgumentError(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save")
+
+
+def validate_hyperparameters(args: argparse.Namespace) -> None:
+    """Every float flag finite (argparse's float() takes "nan" and "inf": `--lr inf` trained NaN to exit code
+    0), and the optimizer's ranges, so a bad value stops before any process group is built."""
+    for name, value in sorted(vars(args).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ArgumentError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if args.lr <= 0 or args.min_lr < 0:
+        raise ArgumentError(f"need --lr > 0 and --min-lr >= 0, got --lr {args.lr} --min-lr {args.min_lr}")
+    if args.weight_decay < 0 or args.adam_eps <= 0:
+        raise ArgumentError(f"need --weight-decay >= 0 and --adam-eps > 0, got {args.weight_decay}, {args.adam_eps}")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, flag) < 1.0:
+            raise ArgumentError(f"--{flag.replace('_', '-')} must be in [0, 1), got {getattr(args, flag)}")
+    for flag in ("lr_warmup_iters", "clip_grad_ema_warmup_steps"):
+        if getattr(args, flag) < 0:
+            raise ArgumentError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.distributed_timeout_minutes <= 0 or args.peak_tflops < 0:
+        raise ArgumentError("need --distributed-timeout-minutes > 0 and --peak-tflops >= 0")
 
 
 def parse_args(

@@ -170,3 +170,24 @@ def test_virtual_pipeline_refused_before_start():
     args = _args("--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2")
     with pytest.raises(ArgumentError, match="interleaved pipeline stages are not wired"):
         validate_args(args, world_size=2)
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--lr", "nan"), ("--min-lr", "nan"),
+                                        ("--adam-eps", "inf"), ("--clip-grad", "nan"), ("--weight-decay", "inf"),
+                                        ("--clip-grad-ema-decay", "nan"), ("--ema-decay", "nan"),
+                                        ("--peak-tflops", "inf"), ("--distributed-timeout-minutes", "inf")])
+def test_non_finite_float_flags_refused(flag: str, value: str):
+    """Issue 20 item 10: `--lr inf` trained NaN to exit code 0; every float flag must be finite."""
+    with pytest.raises(ArgumentError, match=f"{flag} must be a finite number, got {value}"):
+        validate_args(_args(flag, value), world_size=1)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (("--lr", "0"), "need --lr > 0"), (("--lr", "1e-4", "--min-lr=-1e-5"), "--min-lr >= 0"),
+    (("--adam-beta2", "1.0"), r"--adam-beta2 must be in \[0, 1\)"), (("--adam-eps", "0"), "--adam-eps > 0"),
+    (("--lr-warmup-iters=-1",), "--lr-warmup-iters must be >= 0"),
+    (("--clip-grad-ema-warmup-steps=-2",), "--clip-grad-ema-warmup-steps must be >= 0"),
+])
+def test_hyperparameter_ranges_checked_before_start(argv, message):
+    with pytest.raises(ArgumentError, match=message):
+        validate_args(_args(*argv), world_size=1)

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from megatron_video.data.sampler import ShapeBatchSampler
+from megatron_video.data.sampler import EmptyEpochError, ShapeBatchSampler
 from megatron_video.data.shapes import encode_key
 
 
@@ -251,3 +251,57 @@ def test_resume_through_prefetching_loader_with_skips() -> None:
     assert resumed.skip_ids == skip
     rest = [b["sample_id"].tolist() for b in build_dataloader(_KeyDataset(keys), resumed, num_workers=0)]
     assert trained + rest == ref
+
+
+def _train(sampler: ShapeBatchSampler, steps: int, extreme_steps: set[int], recorded: list,
+           done: int = 0) -> tuple[list[list[int]], tuple[int, int]]:
+    """What the training loop does with the sampler: pull one global batch per step (dp 1), record the ids of
+    extreme steps for the epoch after theirs (loop.py `_record_extreme`). Returns the ids per step and the
+    resume position after the last one."""
+    stream = (tagged for _ in iter(int, 1) for tagged in sampler.iter_tagged())
+    out, position = [], (0, 0)
+    for step in range(done + 1, done + steps + 1):
+        pulled = [next(stream) for _ in range(sampler.micro_batches_per_global)]
+        ids = [i for _, micro, _ in pulled for i in micro]
+        position = (pulled[-1][0], pulled[-1][2])
+        out.append(ids)
+        if step in extreme_steps:
+            recorded.append((position[0], ids))
+            sampler.add_skip_ids(ids, from_epoch=position[0] + 1)
+    return out, position
+
+
+@pytest.mark.parametrize("stop", [4, 12, 19], ids=["same-epoch", "epoch-end", "next-epoch"])
+def test_resume_after_extreme_step_sees_the_same_samples(stop: int) -> None:
+    """Issue 20 item 8: an extreme batch's ids used to reach the sampler only at the next start, so a resumed
+    run skipped later batches the uninterrupted run trained on. Sample ids per step must match."""
+    keys = np.full(50, encode_key(9, 32, 32), np.int64)  # 12 global batches of 4 per epoch
+    total, extreme = 40, {3, 16}
+    full_sampler, full_rec = ShapeBatchSampler(keys, 4, 2, seed=7), []
+    full, _ = _train(full_sampler, total, extreme, full_rec)
+    assert full_sampler.skipped_batches >= 2  # the recorded samples come back and their batches are skipped
+    assert not set(full[2]) & {i for ids in full[12:] for i in ids}  # ... from the next epoch on
+
+    first_sampler, recorded = ShapeBatchSampler(keys, 4, 2, seed=7), []
+    head, position = _train(first_sampler, stop, extreme, recorded)
+    state = first_sampler.state_dict(position=position)
+    resumed = ShapeBatchSampler(keys, 4, 2, seed=7)
+    resumed.load_state_dict(state)
+    for epoch, ids in recorded:  # from the checkpointed extreme log, as loop.py does at start
+        resumed.add_skip_ids(ids, from_epoch=epoch + 1)
+    tail, _ = _train(resumed, total - stop, extreme, recorded, done=stop)
+    assert head + tail == full
+
+
+def test_an_epoch_with_nothing_to_train_is_an_error() -> None:
+    """Issue 20 item 9: skip ids covering every sample made the loader yield nothing, forever."""
+    keys = np.full(20, encode_key(9, 32, 32), np.int64)
+    s = ShapeBatchSampler(keys, 4, 1, seed=0, skip_ids=range(19))
+    with pytest.raises(EmptyEpochError, match="epoch 0 has no global batch to train on: each of its 5"):
+        next(iter(s))
+    # a resumed partial epoch whose rest is skipped is not an error: the next epoch trains again
+    t = ShapeBatchSampler(keys, 4, 1, seed=0)
+    last = t.epoch_batches(0)[-1].tolist()
+    t.load_state_dict({**t.state_dict(), "consumed_samples": 16})
+    t.add_skip_ids(last)
+    assert list(t) == [] and t.epoch == 1 and len(list(t)) > 0

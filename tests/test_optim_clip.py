@@ -19,7 +19,6 @@ from megatron_video.optim import (
 )
 from tests.harness import run_distributed
 
-
 REFERENCE = EmaClipConfig(warmup_steps=0)  # the v1.5 rule exactly (no warm-up)
 
 
@@ -210,6 +209,31 @@ def test_wrapper_constant_clip_and_validation():
     p.grad = torch.full((3,), float("nan"))
     w = p.detach().clone()
     assert opt.step().skipped and torch.equal(w, p.detach())
+
+
+def test_non_finite_loss_is_extreme_and_bounded_in_every_mode():
+    """Issue 20 item 10: with constant clipping (no clipper) --max-consecutive-extreme-steps was ignored, and a
+    non-finite loss with finite gradients was trained on."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    fake = _FakeMegatronOptimizer([p], clip_grad=1.0)
+    opt = AdaptiveClipOptimizer(fake, max_consecutive_extreme=3)
+    _set_grad(p, torch.ones(3), 0.5)
+    rec = opt.step(loss_finite=False)
+    assert rec.extreme and rec.skipped and fake.inner_steps == 0 and rec.grad_norm_before == pytest.approx(0.5)
+    assert opt.step().stepped and opt.clip_state_dict() == {"consecutive_extreme": 0}
+    p.grad = torch.full((3,), float("inf"))
+    assert opt.step().extreme and opt.step(loss_finite=False).extreme
+    # the streak survives a checkpoint: the resumed optimizer stops at the third in a row
+    resumed = AdaptiveClipOptimizer(_FakeMegatronOptimizer([p], clip_grad=1.0), max_consecutive_extreme=3)
+    resumed.load_clip_state_dict(opt.clip_state_dict())
+    with pytest.raises(TooManyExtremeStepsError, match="3 consecutive non-finite steps"):
+        resumed.step()
+    # with the EMA clipper the loss flag reaches the clipper as a non-finite norm
+    q = torch.nn.Parameter(torch.zeros(3))
+    ema = AdaptiveClipOptimizer(_FakeMegatronOptimizer([q]), EmaThresholdClipper(REFERENCE))
+    _set_grad(q, torch.ones(3), 0.5)
+    rec = ema.step(loss_finite=False)
+    assert rec.extreme and rec.skipped and ema.clip_state_dict()["consecutive_extreme"] == 1
 
 
 # ---- the real megatron-core distributed optimizer, TP = 2 × DP = 2 ----------------------------------------

@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 _RAND_BITS = 40  # random sort key bits; the bucket id sits above them
 
 
+class EmptyEpochError(RuntimeError):
+    """A whole epoch has no global batch left to train on (every one holds a skip-listed sample id)."""
+
+
 class ShapeBatchSampler:
     """Yields, per micro-batch, the list of sample indices of this data-parallel rank.
 
@@ -84,6 +88,7 @@ class ShapeBatchSampler:
                     self.samples_per_epoch // g, g, "leaving out" if drop_last else "repeating",
                     abs(int(self.bucket_sizes.sum()) - self.samples_per_epoch))
         self.skip_ids: set[int] = set(int(i) for i in skip_ids) if skip_ids else set()
+        self._pending_skips: list[tuple[int, set[int]]] = []  # (first epoch, ids): see add_skip_ids
         self.epoch, self.consumed_samples = 0, 0
         self.skipped_batches = 0
         self._cache: tuple[int, np.ndarray] | None = None
@@ -126,9 +131,13 @@ class ShapeBatchSampler:
         dataset's per-sample randomness; (epoch, consumed) is the exact resume position after the micro-batch
         (`state_dict(position=...)`), valid however far a DataLoader prefetches and whatever was skipped."""
         epoch = self.epoch
+        fresh = self.consumed_samples == 0
+        if fresh:
+            self._activate_pending_skips(epoch)
         batches = self.epoch_batches(epoch)
         step = self.micro_batch_size * self.dp_size
         skip = np.fromiter(self.skip_ids, np.int64) if self.skip_ids else None
+        yielded = False
         while self.consumed_samples < self.samples_per_epoch:
             b, offset = divmod(self.consumed_samples, self.global_batch_size)
             batch = batches[b]
@@ -140,11 +149,29 @@ class ShapeBatchSampler:
                 continue
             lo = offset + self.dp_rank * self.micro_batch_size
             self.consumed_samples += step  # counted when handed out: a state saved after it resumes past it
+            yielded = True
             yield epoch, batch[lo:lo + self.micro_batch_size].tolist(), self.consumed_samples
+        if fresh and not yielded:  # every later epoch would be empty too: iterating on would spin forever
+            raise EmptyEpochError(
+                f"epoch {epoch} has no global batch to train on: each of its {len(batches)} global batches holds "
+                f"one of the {len(self.skip_ids)} skip-listed sample ids (samples of recorded extreme steps)")
         self.epoch, self.consumed_samples = epoch + 1, 0
 
-    def add_skip_ids(self, ids: Iterable[int]) -> None:
-        self.skip_ids.update(int(i) for i in ids)
+    def add_skip_ids(self, ids: Iterable[int], from_epoch: int | None = None) -> None:
+        """Skip every global batch holding one of `ids`: at once (`from_epoch=None`; an epoch already being
+        iterated keeps its list until its end), or from the start of epoch `from_epoch` on. The training
+        loop passes the epoch after the one an extreme batch came from: then an uninterrupted run and a run
+        resumed anywhere (its current epoch's list restored by `load_state_dict`) skip the same batches."""
+        ids = {int(i) for i in ids}
+        if from_epoch is None:
+            self.skip_ids |= ids
+        else:
+            self._pending_skips.append((int(from_epoch), ids))
+
+    def _activate_pending_skips(self, epoch: int) -> None:
+        due = [ids for first, ids in self._pending_skips if first <= epoch]
+        self._pending_skips = [(first, ids) for first, ids in self._pending_skips if first > epoch]
+        self.skip_ids.update(*due)
 
     # ---------------------------------------------------------------- state
     def fingerprint(self) -> dict[str, Any]:

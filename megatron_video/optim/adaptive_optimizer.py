@@ -16,6 +16,10 @@ clip in the middle:
    multiplied in place by the clip factor, or the update is skipped for an extreme step.
 4. `step_with_ready_grads()` unless skipped.
 
+A non-finite loss (the loop passes `loss_finite`) or gradient norm is an extreme step in every clip mode; in
+the modes without a clipper this wrapper counts them and stops the job after `max_consecutive_extreme` in a
+row, as the EMA clipper does.
+
 Megatron's own clip must be off (`OptimizerConfig.clip_grad = 0.0`) when a clipper is given; without a
 clipper, `clip_grad > 0` is honoured here as a constant max-norm clip, so the record is always filled.
 Everything else (zero_grad, state_dict, sharded_state_dict, param_groups, …) is forwarded to the wrapped
@@ -31,7 +35,7 @@ from typing import Any
 
 import torch
 
-from megatron_video.optim.clip import EmaThresholdClipper
+from megatron_video.optim.clip import EmaThresholdClipper, TooManyExtremeStepsError
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,8 @@ def main_grads(optimizer: Any) -> list[torch.Tensor]:
 class AdaptiveClipOptimizer:
     """Wraps a megatron-core optimizer (usually the `ChainedOptimizer` of `get_megatron_optimizer`)."""
 
-    def __init__(self, optimizer: Any, clipper: EmaThresholdClipper | None = None) -> None:
+    def __init__(self, optimizer: Any, clipper: EmaThresholdClipper | None = None,
+                 max_consecutive_extreme: int = 10) -> None:
         for name in ("prepare_grads", "get_grad_norm", "step_with_ready_grads"):
             if not callable(getattr(optimizer, name, None)):
                 raise TypeError(f"expected a megatron-core optimizer with {name}(), "
@@ -95,6 +100,8 @@ class AdaptiveClipOptimizer:
         self.optimizer = optimizer
         self.clipper = clipper
         self.max_grad_norm = clip_grad
+        self.max_consecutive_extreme = max_consecutive_extreme  # without a clipper (the clipper has its own)
+        self.consecutive_extreme = 0
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for attributes not defined here: forward to the wrapped optimizer.
@@ -103,19 +110,22 @@ class AdaptiveClipOptimizer:
         return getattr(self.optimizer, name)
 
     @torch.no_grad()
-    def prepare_and_clip(self) -> StepRecord:
-        """Phases 1-3: main grads ready, norm measured, clip factor applied (or skip decided). No update."""
+    def prepare_and_clip(self, loss_finite: bool = True) -> StepRecord:
+        """Phases 1-3: main grads ready, norm measured, clip factor applied (or skip decided). No update.
+        `loss_finite=False` (the same on every rank) makes the step extreme whatever the norm."""
         opt = self.optimizer
         if opt.prepare_grads():
             nan = math.nan
             return StepRecord(nan, nan, nan, nan, nan, 1.0, False, False, skipped=True, overflow=True)
         grad_norm = float(opt.get_grad_norm())
+        judged = grad_norm if loss_finite else math.nan  # what the extreme test sees
         if self.clipper is not None:
-            d = self.clipper.decide(grad_norm)
+            d = self.clipper.decide(judged)
             threshold, mu, var, scale, extreme = d.threshold, d.mu, d.var, d.scale, d.extreme
         else:
             threshold, mu, var = self.max_grad_norm or math.inf, math.nan, math.nan
-            extreme = not math.isfinite(grad_norm)
+            extreme = not math.isfinite(judged)
+            self._count_extreme(extreme, grad_norm)
             scale = 1.0
             if self.max_grad_norm > 0.0 and grad_norm > self.max_grad_norm and not extreme:
                 scale = self.max_grad_norm / grad_norm
@@ -141,6 +151,14 @@ class AdaptiveClipOptimizer:
             num_zeros=num_zeros,
         )
 
+    def _count_extreme(self, extreme: bool, grad_norm: float) -> None:
+        self.consecutive_extreme = self.consecutive_extreme + 1 if extreme else 0
+        if self.consecutive_extreme >= self.max_consecutive_extreme:
+            raise TooManyExtremeStepsError(
+                f"{self.consecutive_extreme} consecutive non-finite steps (loss or gradient norm; last grad norm "
+                f"{grad_norm:.4g}); training is diverging or the data is broken. Check the recorded skipped "
+                "batches, lower the learning rate, or raise --max-consecutive-extreme-steps.")
+
     @torch.no_grad()
     def apply_update(self, record: StepRecord) -> StepRecord:
         """Phase 4: the inner step, unless the record says skip. Returns the (possibly updated) record."""
@@ -150,16 +168,20 @@ class AdaptiveClipOptimizer:
             return replace(record, skipped=True)
         return record
 
-    def step(self, skip_update: bool = False) -> StepRecord:
+    def step(self, skip_update: bool = False, loss_finite: bool = True) -> StepRecord:
         """One optimizer step. `skip_update=True` (e.g. every DP rank's gradient was discarded) skips it."""
         if skip_update:
             nan = math.nan
             return StepRecord(nan, nan, nan, nan, nan, 1.0, False, False, skipped=True, overflow=False)
-        return self.apply_update(self.prepare_and_clip())
+        return self.apply_update(self.prepare_and_clip(loss_finite))
 
     def clip_state_dict(self) -> dict[str, Any]:
-        return {} if self.clipper is None else self.clipper.state_dict()
+        if self.clipper is None:
+            return {"consecutive_extreme": self.consecutive_extreme}
+        return self.clipper.state_dict()
 
     def load_clip_state_dict(self, state: dict[str, Any]) -> None:
         if self.clipper is not None:
             self.clipper.load_state_dict(state)
+        else:
+            self.consecutive_extreme = int(state.get("consecutive_extreme", 0))

@@ -134,7 +134,7 @@ def build_optimizer(model_chunks: list[torch.nn.Module], options: OptimizerOptio
     # apply it now so the grouping holds from the first step, even before a scheduler is attached.
     for group in optimizer.param_groups:
         group["weight_decay"] = options.weight_decay * group.get("wd_mult", 1.0)
-    return AdaptiveClipOptimizer(optimizer, build_clipper(options))
+    return AdaptiveClipOptimizer(optimizer, build_clipper(options), options.max_consecutive_extreme)
 
 
 def build_rank_discard(options: OptimizerOptions) -> PerRankDiscard | None:

@@ -21,9 +21,11 @@ class ExtremeStepLog:
         self.max_entries = max_entries
         self.entries: list[dict[str, Any]] = []
 
-    def record(self, iteration: int, sample_ids: list[int], grad_norm: float) -> None:
-        self.entries.append({"iteration": int(iteration), "grad_norm": float(grad_norm),
-                             "sample_ids": sorted(int(i) for i in sample_ids)})
+    def record(self, iteration: int, sample_ids: list[int], grad_norm: float, epoch: int | None = None) -> None:
+        """`epoch`: the data epoch the batch came from (its samples are skipped from the next epoch on)."""
+        entry = {"iteration": int(iteration), "grad_norm": float(grad_norm),
+                 "sample_ids": sorted(int(i) for i in sample_ids)}
+        self.entries.append(entry if epoch is None else {**entry, "epoch": int(epoch)})
         del self.entries[:-self.max_entries]
 
     def sample_ids(self) -> set[int]:

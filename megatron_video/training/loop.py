@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_video.data.sampler import EmptyEpochError
+from megatron_video.optim.clip import TooManyExtremeStepsError
 from megatron_video.optim.extreme_log import ExtremeStepLog, gather_sample_ids
 from megatron_video.training.checkpointing import (
     CheckpointError,
@@ -86,6 +89,20 @@ def _forever(loader: Any) -> Iterator[dict[str, Any]]:
         yield from loader
 
 
+def _all_finite(value: float, device: torch.device) -> bool:
+    """True on every rank iff `value` is finite on every rank."""
+    flag = torch.tensor([1.0 if math.isfinite(value) else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def _newest_checkpoint(save_dir: str | None) -> str:
+    from megatron_video.training.checkpointing import iteration_dir, latest_iteration
+
+    last = latest_iteration(save_dir) if save_dir and Path(save_dir).is_dir() else None
+    return "none" if last is None else str(iteration_dir(save_dir, last))
+
+
 def _mean_over(value: float, group: Any, device: torch.device) -> float:
     # float32: MindSpeed reduces a float64 tensor as a float32 copy and never writes back into the caller's
     # tensor (mindspeed/core/megatron_basic/requirements_basic.py, core_r0.16.0), so a float64 sum stays local
@@ -141,9 +158,12 @@ def t2v_inputs(batch: dict[str, torch.Tensor], sample: Any) -> dict[str, torch.T
 
 
 def _record_extreme(save_dir: str | None, state: TrainState, sample_ids: list[int], record: Any,
-                    dp_group: Any) -> None:
+                    dp_group: Any, sampler: Any) -> None:
     ids = gather_sample_ids(sample_ids, dp_group)
-    state.extreme.record(state.iteration, ids, record.grad_norm_before)
+    epoch = state.sampler_position[0] if state.sampler_position is not None else sampler.epoch
+    state.extreme.record(state.iteration, ids, record.grad_norm_before, epoch=epoch)
+    # from the next epoch on, in this run as in any run resumed from a later checkpoint (exact resume)
+    sampler.add_skip_ids(ids, from_epoch=epoch + 1)
     if save_dir and dist.get_rank() == 0:
         # written at once, so a run resumed from an older checkpoint skips this batch too
         Path(save_dir).mkdir(parents=True, exist_ok=True)
@@ -153,11 +173,11 @@ def _record_extreme(save_dir: str | None, state: TrainState, sample_ids: list[in
             os.fsync(handle.fileno())
 
 
-def _extreme_ids_on_disk(root: str | None) -> list[int]:
+def _extreme_entries_on_disk(root: str | None) -> list[dict[str, Any]]:
     path = Path(root) / EXTREME_LOG if root else None
     if path is None or not path.is_file():
         return []
-    return [i for line in path.read_text().splitlines() if line.strip() for i in json.loads(line)["sample_ids"]]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def resume(args: argparse.Namespace, parts: Any, data: Any, state: TrainState, log: Any) -> None:
@@ -293,9 +313,10 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         if dist.get_rank() == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    # extreme batches recorded by any earlier run of this job, even after the checkpoint it resumes from
-    on_disk = set(_extreme_ids_on_disk(args.load)) | set(_extreme_ids_on_disk(args.save))
-    data.sampler.add_skip_ids(state.extreme.sample_ids() | on_disk)
+    # extreme batches recorded by any earlier run of this job, even after the checkpoint it resumes from, are
+    # skipped from the epoch after theirs (an entry without an epoch: from the next epoch that starts)
+    for entry in [*state.extreme.entries, *_extreme_entries_on_disk(args.load), *_extreme_entries_on_disk(args.save)]:
+        data.sampler.add_skip_ids(entry["sample_ids"], from_epoch=int(entry.get("epoch", -1)) + 1)
 
     batches = _forever(data.loader)
     # the whole model's parameter count: TP-sharded parameters x TP, summed over pipeline stages
@@ -304,9 +325,16 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
                 for p in parts.module.parameters())
     num_params = sum_over_pipeline(local, device)
     blocks_k = [spec.k for spec in args.model_config.block_specs()]
+    save_wanted = False
     while state.iteration < args.train_iters:
         started = time.monotonic()
-        micro_batches = [encode(next(batches)) for _ in range(num_micro)]
+        try:
+            micro_batches = [encode(next(batches)) for _ in range(num_micro)]
+        except EmptyEpochError as exc:  # the same on every rank (same sampler state)
+            log.info("stopping at iteration %d: %s. The extreme-batch logs read: %s", state.iteration, exc,
+                     ", ".join(str(Path(d) / EXTREME_LOG) for d in (args.load, args.save) if d) or "none")
+            log.close()
+            return 1
         for index, micro_batch in enumerate(micro_batches):
             micro_batch["positions"] = global_positions(index, args.micro_batch_size, dp_rank, dp_size)
             if condition is not None:
@@ -320,17 +348,24 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         recv_shape, send_shape = batch_pipeline_shapes(parts.module, micro_batches)
         losses = run_forward_backward(forward_step, iter(micro_batches), parts.model, num_micro,
                                       args.micro_batch_size, recv_shape, send_shape)
-        record = parts.optimizer.step()
+        loss = _mean_over(sum(d["loss"].item() for d in losses) / max(len(losses), 1), dp_group, device)
+        loss = from_last_stage(loss, device)  # only the last pipeline stage computes the loss
+        loss_finite = _all_finite(loss, device)
+        try:
+            record = parts.optimizer.step(loss_finite=loss_finite)
+        except TooManyExtremeStepsError as exc:  # every rank took the same decision: stop them all cleanly
+            log.info("stopping at iteration %d: %s The newest checkpoint (never one after a non-finite step) "
+                     "is %s.", state.iteration + 1, exc, _newest_checkpoint(args.save))
+            log.close()
+            return 1
         state.iteration += 1
         state.consumed_samples += args.global_batch_size
         if record.extreme:
-            _record_extreme(args.save, state, sample_ids, record, dp_group)
+            _record_extreme(args.save, state, sample_ids, record, dp_group, data.sampler)
         if record.stepped:
             if parts.ema is not None:
                 parts.ema.update()
             parts.scheduler.step(increment=1)
-        loss = _mean_over(sum(d["loss"].item() for d in losses) / max(len(losses), 1), dp_group, device)
-        loss = from_last_stage(loss, device)  # only the last pipeline stage computes the loss
         elapsed = time.monotonic() - started
         tokens = video_tokens(x0.shape[2:], args.model_config.patch_size)
         flops = training_flops_per_sample(num_params, args.model_config.hidden_size, blocks_k, tokens,
@@ -354,11 +389,22 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         due = args.save and args.save_interval and state.iteration % args.save_interval == 0
         maybe_evaluate(evaluator, parts, encode, state.iteration, state.iteration == args.train_iters, log)
         preempted = preemption.agreed(device)
-        if args.save and (due or preempted or state.iteration == args.train_iters):
+        # a non-finite step postpones a due save to the next finite step, so the newest checkpoint (the one
+        # --keep-last-checkpoints keeps) never follows a non-finite loss / grad norm
+        non_finite = not loss_finite or (not record.overflow and not math.isfinite(record.grad_norm_before))
+        save_wanted = save_wanted or bool(args.save and (due or preempted or state.iteration == args.train_iters))
+        if save_wanted and non_finite:
+            log.info("iteration %d: non-finite loss or grad norm, checkpoint postponed to the next finite step",
+                     state.iteration)
+        elif save_wanted:
             save(state.iteration)
+            save_wanted = False
         if preempted:
-            log.info("%s: %s at iteration %d, exiting", preemption.reason,
-                     "saved" if args.save else "no --save, not saved", state.iteration)
+            log.info("%s: %s at iteration %d, exiting", preemption.reason, "saved" if args.save and not save_wanted else
+                     "not saved", state.iteration)
             break
+    if save_wanted:
+        log.info("the last step was non-finite: no checkpoint saved after it; the newest is %s",
+                 _newest_checkpoint(args.save))
     log.close()
     return 0

@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Megatron sequence parallel inside the tensor-parallel group")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard the optimizer state over the data-parallel group (ZeRO-1)")
+    # Megatron-LM's data-parallel overlap flags (megatron/training/arguments.py), same names, defaults, meaning
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the DDP gradient reduce (per bucket) with the backward")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="overlap the distributed optimizer's parameter all-gather (per bucket) with the next forward")
+    g.add_argument("--ddp-bucket-size", type=_positive_int, default=None,
+                   help="parameters per DDP bucket (default with --overlap-grad-reduce: max(40M, 1M x DP); "
+                        "without it one bucket)")
 
     g = parser.add_argument_group("model and data")
     g.add_argument("--model-config", type=str, default=None, help="JSON/YAML model config (may name a preset)")
@@ -231,6 +239,11 @@ def validate_args(args: argparse.Namespace, world_size: int, num_heads: int | No
                 f"--pipeline-layer-split {args.pipeline_layer_split!r} must give {args.pipeline_model_parallel_size}"
                 " positive block counts (one per pipeline stage)"
             )
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        raise ArgumentError("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
+    if args.clip_grad_rank_discard and args.overlap_grad_reduce:
+        raise ArgumentError("--clip-grad-rank-discard tests each rank's gradient before the reduce, so it cannot "
+                            "run with --overlap-grad-reduce")
     if args.clip_grad_rank_discard and args.clip_grad_ema_decay is not None:
         raise ArgumentError("--clip-grad-rank-discard and --clip-grad-ema-decay are alternatives; choose one")
     for flag in ("model_config", "data_config", "vae_path", "vae_config"):

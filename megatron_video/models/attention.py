@@ -75,38 +75,61 @@ def _sdpa(q, k, v, key_valid, scale):
 
 
 def _pack_keys(k, v, key_valid):
-    """Drop invalid keys: (S_k, B, h, d) -> (total_valid, h, d) plus int32 cumulative lengths (B + 1)."""
-    b, s_k = k.shape[1], k.shape[0]
+    """Valid keys first, sample after sample, without reading anything on the host:
+    (S_k, B, h, d) -> (B * S_k, h, d) packed k and v, int32 cumulative valid lengths (B + 1), and the longest
+    sample's valid length as a 0-d device tensor (the kernels get the static bound S_k instead; reading it
+    would synchronise).
+
+    A stable sort of the flattened keys by (invalid, sample) gathers each sample's valid keys in order, then every
+    invalid key after the last sample, where the kernels never look (they read rows cu[b]:cu[b+1] only). Those
+    tail rows are zeroed with `where`, whose backward gives them an exact zero gradient whatever the kernel
+    leaves in its gradient rows past cu[-1]."""
+    s_k, b = k.shape[0], k.shape[1]
+    flat_k = k.transpose(0, 1).reshape(b * s_k, *k.shape[2:])
+    flat_v = v.transpose(0, 1).reshape(b * s_k, *v.shape[2:])
     if key_valid is None:
-        key_valid = torch.ones(b, s_k, dtype=torch.bool, device=k.device)
+        cu = torch.arange(0, (b + 1) * s_k, s_k, dtype=torch.int32, device=k.device)
+        return flat_k, flat_v, cu, torch.tensor(s_k, device=k.device)
     keep = key_valid.reshape(-1)
-    k_packed = k.transpose(0, 1).reshape(b * s_k, *k.shape[2:])[keep]
-    v_packed = v.transpose(0, 1).reshape(b * s_k, *v.shape[2:])[keep]
+    sample = torch.arange(b, device=k.device).repeat_interleave(s_k)
+    order = torch.sort(torch.where(keep, sample, b), stable=True).indices
+    kept = keep.index_select(0, order)[:, None, None]
+    k_packed = torch.where(kept, flat_k.index_select(0, order), 0)
+    v_packed = torch.where(kept, flat_v.index_select(0, order), 0)
     lengths = key_valid.sum(dim=1, dtype=torch.int32)
-    cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return k_packed, v_packed, cu, int(lengths.max())
+    cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return k_packed, v_packed, cu, lengths.max()
 
 
 def _flash_varlen(q, k, v, key_valid, scale):
+    """flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...): q/k/v
+    (total, heads, d), int32 cumulative lengths (B + 1); max_seqlen_* only bound the kernel grid, so the static
+    S_q / S_k serve without a host read (flash-attention flash_attn/flash_attn_interface.py)."""
     flash_attn = importlib.import_module("flash_attn")
     s_q, b = q.shape[0], q.shape[1]
     q_packed = q.transpose(0, 1).reshape(b * s_q, *q.shape[2:])
     cu_q = torch.arange(0, (b + 1) * s_q, s_q, dtype=torch.int32, device=q.device)
-    k_packed, v_packed, cu_k, max_k = _pack_keys(k, v, key_valid)
+    k_packed, v_packed, cu_k, _ = _pack_keys(k, v, key_valid)
     out = flash_attn.flash_attn_varlen_func(
-        q_packed, k_packed, v_packed, cu_q, cu_k, s_q, max_k, dropout_p=0.0, softmax_scale=scale, causal=False,
+        q_packed, k_packed, v_packed, cu_q, cu_k, s_q, k.shape[0], dropout_p=0.0, softmax_scale=scale, causal=False,
     )
     return out.reshape(b, s_q, *q.shape[2:]).transpose(0, 1)
 
 
 def _npu_fusion(q, k, v, key_valid, scale):
+    """torch_npu.npu_fusion_attention in the TND layout: q/k/v (total, heads, d); actual_seq_qlen and
+    actual_seq_kvlen are host lists of *cumulative* lengths (one per sample, the last = total). The key list
+    needs one host read per call when some keys are invalid; with every key valid both lists are static."""
     torch_npu = importlib.import_module("torch_npu")
     s_q, b, heads = q.shape[0], q.shape[1], q.shape[2]
     q_packed = q.transpose(0, 1).reshape(b * s_q, *q.shape[2:])
     k_packed, v_packed, cu_k, _ = _pack_keys(k, v, key_valid)
+    kv_lens = [k.shape[0] * (i + 1) for i in range(b)] if key_valid is None else cu_k[1:].tolist()
+    if key_valid is not None:  # TND: the packed key tensor holds exactly the valid keys
+        k_packed, v_packed = k_packed[:kv_lens[-1]], v_packed[:kv_lens[-1]]
     out = torch_npu.npu_fusion_attention(
         q_packed, k_packed, v_packed, heads, input_layout="TND", scale=scale, keep_prob=1.0,
-        actual_seq_qlen=[s_q * (i + 1) for i in range(b)], actual_seq_kvlen=cu_k[1:].tolist(),
+        actual_seq_qlen=[s_q * (i + 1) for i in range(b)], actual_seq_kvlen=kv_lens,
     )[0]
     return out.reshape(b, s_q, *q.shape[2:]).transpose(0, 1)
 

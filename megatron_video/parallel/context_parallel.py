@@ -106,8 +106,11 @@ class ContextParallel:
         self.subgroups = {size: _ulysses_subgroup(size) for size in sizes}
 
     def ids(self, layout: Layout, n_pad: int, rank: int | None = None, device: torch.device | None = None) -> Tensor:
-        ids = local_ids(layout, self.geometry, n_pad, self.rank if rank is None else rank)
-        return ids if device is None else ids.to(device)
+        """Token ids a rank holds in `layout` (built once per padded length and device, then reused)."""
+        rank = self.rank if rank is None else rank
+        if device is None:
+            return local_ids(layout, self.geometry, n_pad, rank)
+        return _local_ids_on(layout, self.geometry, n_pad, rank, device)
 
     def local_video_tokens(self, n: int) -> int:
         """Video rows a rank holds between blocks (per TP rank under SP) for n tokens: the pipeline carry."""
@@ -150,9 +153,19 @@ class ContextParallel:
         if self.sequence_parallel:
             out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
         out = gather_rows(out, self.group)
-        n_pad, layout = out.shape[0], self.plans[-1].layout
-        order = torch.cat([self.ids(layout, n_pad, rank) for rank in range(self.size)])
-        return out.index_select(0, torch.argsort(order)[:n].to(out.device))
+        return out.index_select(0, _natural_order(self.plans[-1].layout, self.geometry, out.shape[0], n, out.device))
+
+
+@lru_cache(maxsize=512)
+def _local_ids_on(layout: Layout, geo: Geometry, n_pad: int, rank: int, device: torch.device) -> Tensor:
+    return local_ids(layout, geo, n_pad, rank).to(device)
+
+
+@lru_cache(maxsize=64)
+def _natural_order(layout: Layout, geo: Geometry, n_pad: int, n: int, device: torch.device) -> Tensor:
+    """Rows of the CP-gathered output (rank after rank, each in `layout`'s local order) in token order."""
+    order = torch.cat([local_ids(layout, geo, n_pad, rank) for rank in range(geo.cp)])
+    return torch.argsort(order)[:n].to(device)
 
 
 @lru_cache(maxsize=512)

@@ -11,8 +11,11 @@ Per device and global batch (DESIGN §14; e = 2 bytes, s = tokens a CP rank hold
   changes, text-head gathers; `cp_block_bytes` is the closed form (Ulysses: 8·b·s·h·e·(P−1)/P² per device);
 - PP: 1F1B takes (m + p − 1) micro-batch slots of the slowest stage, i.e. a bubble (p−1)/(m+p−1); each
   boundary sends the two streams plus the long skips crossing it, forward and backward;
-- DP: one reduce-scatter of fp32 grads and one all-gather of bf16 params over DP x CP per step; the
-  exposed share is `1 - dp_overlap` (0 overlap by default: our DDP runs with overlap_grad_reduce off).
+- DP: one reduce-scatter of fp32 grads and one all-gather of bf16 params over DP x CP per step, exposed as
+  the trainer runs them (`DataParallelOverlap`: the trainer's --overlap-grad-reduce, --overlap-param-gather and
+  --ddp-bucket-size): without overlap one bucket after the backward; with it, per bucket, hidden behind the
+  last micro-batch's backward (reduce-scatter) and the first micro-batch's forward (all-gather) except the one
+  bucket that has nothing left to hide behind.
 """
 
 from __future__ import annotations
@@ -95,6 +98,36 @@ def cp_wire_bytes(cfg: SUVConfig, cp: int, tp: int, grid: tuple[int, int, int], 
 
 
 @dataclass(frozen=True)
+class DataParallelOverlap:
+    """The trainer's data-parallel overlap flags (megatron's DistributedDataParallelConfig)."""
+
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    bucket_size: int | None = None  # parameters; None: megatron's default max(40M, 1M x DP)
+
+    def buckets(self, local_params: float, dp_size: int) -> int:
+        """Buckets of the first pipeline stage (megatron keeps one bucket without overlap_grad_reduce)."""
+        if not self.overlap_grad_reduce:
+            return 1
+        size = self.bucket_size or max(40_000_000, 1_000_000 * dp_size)
+        return max(1, -(-int(local_params) // size))
+
+    def exposed(self, reduce_time: float, gather_time: float, backward: float, forward: float, buckets: int,
+                ) -> float:
+        """Seconds of DP communication not hidden: a bucket's collective starts once the backward has made its
+        gradients (the forward needs its weights), so all but the last (first) bucket run behind the rest of
+        the last micro-batch's backward (the first micro-batch's forward) while the wire keeps up."""
+        def part(total: float, hidden_by: float, on: bool) -> float:
+            return total if not on or buckets == 1 else max(total / buckets, total - hidden_by)
+
+        return (part(reduce_time, backward, self.overlap_grad_reduce)
+                + part(gather_time, forward, self.overlap_param_gather))
+
+
+NO_OVERLAP = DataParallelOverlap()  # the trainer's defaults
+
+
+@dataclass(frozen=True)
 class StepTime:
     compute: float
     tp_comm: float
@@ -109,12 +142,11 @@ class StepTime:
 
 
 def step_time(cfg: SUVConfig, layout: Layout, grid: tuple[int, int, int], text_tokens: int, global_batch: int,
-              cluster: ClusterSpec, local_params: float, dp_overlap: float = 0.0) -> StepTime:
+              cluster: ClusterSpec, local_params: float, overlap: DataParallelOverlap = NO_OVERLAP,
+              ) -> StepTime:
     """Seconds per global batch on one device, for video tokens `grid` (T, H/p, W/p); `local_params` =
-    parameters on the busiest device; `dp_overlap` = the share of DP traffic hidden behind compute."""
+    parameters on the busiest device; `overlap` = the trainer's DP overlap flags."""
     video_tokens = grid[0] * grid[1] * grid[2]
-    if not 0.0 <= dp_overlap <= 1.0:
-        raise ValueError(f"dp_overlap must be in [0, 1], got {dp_overlap}")
     t, p, b = layout.tp, layout.cp, layout.micro_batch
     m = layout.micro_batches(global_batch)
     video_local = -(-video_tokens // p)
@@ -155,8 +187,10 @@ def step_time(cfg: SUVConfig, layout: Layout, grid: tuple[int, int, int], text_t
     shard = layout.dp * p
     dp_time = 0.0
     if shard > 1:
-        dp_bytes = (4 + 2) * local_params * (shard - 1) / shard  # fp32 grad reduce-scatter + bf16 all-gather
-        dp_time = (1.0 - dp_overlap) * dp_bytes / cluster.bandwidth(t * shard)
+        wire = local_params * (shard - 1) / shard / cluster.bandwidth(t * shard)
+        one_micro = compute / m  # one micro-batch of the slowest stage: forward ~1/3, backward ~2/3
+        dp_time = overlap.exposed(4 * wire, 2 * wire, 2 * one_micro / 3, one_micro / 3,  # fp32 grads, bf16 params
+                                  overlap.buckets(local_params, shard))
     return StepTime(compute, tp_time, cp_time, p2p, bubble, dp_time)
 
 
@@ -170,5 +204,5 @@ def model_flops_per_step(cfg: SUVConfig, video_tokens: int, text_tokens: int, gl
                                                     video_tokens, text_tokens)
 
 
-__all__ = ["Layout", "StepTime", "block_flops", "cp_block_bytes", "cp_wire_bytes",
+__all__ = ["NO_OVERLAP", "DataParallelOverlap", "Layout", "StepTime", "block_flops", "cp_block_bytes", "cp_wire_bytes",
            "model_flops_per_step", "recompute_flops", "step_time"]

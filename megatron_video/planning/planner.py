@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 
 from megatron_video.models.suv_mmdit.config import SUVConfig
 from megatron_video.planning.cluster import ClusterSpec
-from megatron_video.planning.cost import Layout, StepTime, model_flops_per_step, step_time
+from megatron_video.planning.cost import (
+    NO_OVERLAP,
+    DataParallelOverlap,
+    Layout,
+    StepTime,
+    model_flops_per_step,
+    step_time,
+)
 from megatron_video.planning.memory import (
     GIB,
     RECOMPUTE_MODES,
@@ -47,10 +54,12 @@ class Plan:
     ranked: list[Estimate]  # fitting layouts, fastest first
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> number of layouts
     too_big: list[Estimate] = field(default_factory=list)  # valid layouts that do not fit, smallest first
+    overlap: DataParallelOverlap = NO_OVERLAP  # the DP overlap flags the estimates assume
 
 
 def estimate(cfg: SUVConfig, shape: VideoShape, global_batch: int, cluster: ClusterSpec, layout: Layout,
-             ema_replicated: bool = False, dp_overlap: float = 0.0) -> Estimate:
+             ema_replicated: bool = False,
+             overlap: DataParallelOverlap = NO_OVERLAP) -> Estimate:
     """Memory and time of one (valid) layout on the busiest device (the first pipeline stage)."""
     video = shape.video_tokens(cfg.patch_size)
     p = layout.cp
@@ -74,7 +83,7 @@ def estimate(cfg: SUVConfig, shape: VideoShape, global_batch: int, cluster: Clus
     local = max(c.per_rank(layout.tp) for c in params)
     t_lat, h_lat, w_lat = shape.latent_thw()
     grid = (t_lat, h_lat // cfg.patch_size, w_lat // cfg.patch_size)
-    time = step_time(cfg, layout, grid, shape.text_tokens, global_batch, cluster, local, dp_overlap)
+    time = step_time(cfg, layout, grid, shape.text_tokens, global_batch, cluster, local, overlap)
     useful = model_flops_per_step(cfg, video, shape.text_tokens, global_batch)
     mfu = useful / (layout.world * cluster.peak_tflops * 1e12 * time.total)
     reserved = cluster.reserved_gib * GIB
@@ -122,7 +131,7 @@ def enumerate_layouts(world: int, micro_batches: tuple[int, ...] = (1, 2, 4, 8),
 def plan(cfg: SUVConfig, shape: VideoShape, global_batch: int, cluster: ClusterSpec,
          micro_batches: tuple[int, ...] = (1, 2, 4, 8), recompute: tuple[str, ...] = RECOMPUTE_MODES,
          max_tp: int | None = None, cp_strategy: str = "skiparse", ema_replicated: bool = False,
-         dp_overlap: float = 0.0, fixed: dict[str, int | str] | None = None) -> Plan:
+         overlap: DataParallelOverlap = NO_OVERLAP, fixed: dict[str, int | str] | None = None) -> Plan:
     """Every valid layout estimated; `fixed` pins some of tp / cp / pp / micro_batch / recompute."""
     if global_batch < 1:
         raise ValueError(f"global batch must be >= 1, got {global_batch}")
@@ -143,11 +152,11 @@ def plan(cfg: SUVConfig, shape: VideoShape, global_batch: int, cluster: ClusterS
         if reason is not None:
             rejected[reason] = rejected.get(reason, 0) + 1
             continue
-        est = estimate(cfg, shape, global_batch, cluster, layout, ema_replicated, dp_overlap)
+        est = estimate(cfg, shape, global_batch, cluster, layout, ema_replicated, overlap)
         (ranked if est.fits else too_big).append(est)
     ranked.sort(key=lambda e: (e.time.total, e.memory))
     too_big.sort(key=lambda e: e.memory)
-    return Plan(cfg, shape, global_batch, cluster, ranked, rejected, too_big)
+    return Plan(cfg, shape, global_batch, cluster, ranked, rejected, too_big, overlap)
 
 
 def recompute_flags(mode: str) -> list[str]:
@@ -158,8 +167,9 @@ def recompute_flags(mode: str) -> list[str]:
     return []
 
 
-def launch_flags(est: Estimate, global_batch: int, device: str) -> list[str]:
-    """Flags of `pretrain_t2v.py` / `pretrain_i2v.py` for this layout."""
+def launch_flags(est: Estimate, global_batch: int, device: str,
+                 overlap: DataParallelOverlap = NO_OVERLAP) -> list[str]:
+    """Flags of `pretrain_t2v.py` / `pretrain_i2v.py` for this layout (and the DP overlap it assumed)."""
     lay = est.layout
     flags = ["--device", device, "--bf16", "--use-distributed-optimizer",
              "--tensor-model-parallel-size", str(lay.tp)]
@@ -167,6 +177,10 @@ def launch_flags(est: Estimate, global_batch: int, device: str) -> list[str]:
         flags.append("--sequence-parallel")
     flags += ["--context-parallel-size", str(lay.cp), "--pipeline-model-parallel-size", str(lay.pp),
               "--micro-batch-size", str(lay.micro_batch), "--global-batch-size", str(global_batch)]
+    flags += ["--overlap-grad-reduce"] if overlap.overlap_grad_reduce else []
+    flags += ["--overlap-param-gather"] if overlap.overlap_param_gather else []
+    if overlap.bucket_size is not None:
+        flags += ["--ddp-bucket-size", str(overlap.bucket_size)]
     return flags + recompute_flags(lay.recompute)
 
 
@@ -211,7 +225,7 @@ def format_plan(result: Plan, top: int = 10, mark: Layout | None = None) -> str:
         if result.too_big:
             best = result.too_big[0]
             lines.append(f"smallest needs {best.memory / GIB:.1f} GiB: "
-                         + " ".join(launch_flags(best, result.global_batch, c.device)))
+                         + " ".join(launch_flags(best, result.global_batch, c.device, result.overlap)))
         return "\n".join(lines)
     fastest = result.ranked[0].time.total
     rows = [_row(i + 1, e, result.global_batch, fastest) for i, e in enumerate(result.ranked[:top])]
@@ -223,7 +237,7 @@ def format_plan(result: Plan, top: int = 10, mark: Layout | None = None) -> str:
               "(step times within ~5% are ties at this model's accuracy: one efficiency factor, no overlap of "
               "TP/CP traffic):", format_table(rows)]
     best = result.ranked[0]
-    lines.append("best: " + " ".join(launch_flags(best, result.global_batch, c.device)))
+    lines.append("best: " + " ".join(launch_flags(best, result.global_batch, c.device, result.overlap)))
     lines.append("env:  " + " ".join(f"{k}={v}" for k, v in launch_env(best, result.global_batch).items()))
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from megatron_video.configfile import read_mapping
 from megatron_video.planning.cluster import DEVICE_PRESETS, cluster_from
-from megatron_video.planning.cost import Layout
+from megatron_video.planning.cost import DataParallelOverlap, Layout
 from megatron_video.planning.memory import GIB, RECOMPUTE_MODES
 from megatron_video.planning.planner import Plan, format_plan, launch_env, launch_flags, plan, rank_of
 from megatron_video.planning.workload import VideoShape
@@ -65,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pp", type=int, help="pin the pipeline-parallel size")
     g.add_argument("--cp-strategy", choices=("skiparse", "ulysses"), default="skiparse")
     g.add_argument("--ema-replicated", action="store_true", help="an unsharded fp32 EMA (as the training fork)")
-    g.add_argument("--dp-overlap", type=float, default=0.0,
-                   help="fraction of DP grad/param traffic hidden behind compute (0: our default DDP)")
+    # the trainer's data-parallel overlap flags (Megatron-LM's), so the estimate models what the run does
+    g.add_argument("--overlap-grad-reduce", action="store_true", help="as the trainer's flag")
+    g.add_argument("--overlap-param-gather", action="store_true", help="as the trainer's flag")
+    g.add_argument("--ddp-bucket-size", type=int, default=None, help="as the trainer's flag")
     g = p.add_argument_group("output")
     g.add_argument("--top", type=int, default=10)
     g.add_argument("--mark", help="also show this layout's rank: TP,CP,PP,MBS,RECOMPUTE (e.g. 2,1,1,2,selective)")
@@ -117,7 +119,9 @@ def run(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namespace]:
         fixed = {k: v for k, v in (("tp", args.tp), ("cp", args.cp), ("pp", args.pp)) if v is not None}
         return plan(cfg, shape, int(global_batch), cluster, micro_batches=args.micro_batch_sizes,
                     recompute=args.recompute, max_tp=args.max_tp, cp_strategy=args.cp_strategy,
-                    ema_replicated=args.ema_replicated, dp_overlap=args.dp_overlap, fixed=fixed), args
+                    ema_replicated=args.ema_replicated, fixed=fixed,
+                    overlap=DataParallelOverlap(args.overlap_grad_reduce, args.overlap_param_gather,
+                                                args.ddp_bucket_size)), args
     except ValueError as exc:
         raise SystemExit(f"tune_parallel: {exc}") from exc
 
@@ -129,7 +133,7 @@ def to_json(result: Plan, top: int) -> str:
         rows.append({
             "tp": lay.tp, "cp": lay.cp, "pp": lay.pp, "dp": lay.dp, "micro_batch": lay.micro_batch,
             "recompute": lay.recompute, "memory_gib": e.memory / GIB, "step_seconds": e.time.total, "mfu": e.mfu,
-            "flags": launch_flags(e, result.global_batch, result.cluster.device),
+            "flags": launch_flags(e, result.global_batch, result.cluster.device, result.overlap),
             "env": launch_env(e, result.global_batch),
         })
     return json.dumps({"shape": str(result.shape), "global_batch": result.global_batch, "fits": len(result.ranked),

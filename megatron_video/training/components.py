@@ -22,6 +22,13 @@ class Components:
     ema: ShardedEMA | None
     rank_discard: Any  # PerRankDiscard or None
 
+    def sync_params(self) -> None:
+        """Finish the parameter all-gather now. With --overlap-param-gather the model's weights are gathered
+        lazily by the next forward's pre-hooks, so a checkpoint must call this first (Megatron-LM's
+        force_param_sync before saving)."""
+        if self.model.ddp_config.overlap_param_gather:
+            self.model.start_param_sync(force_sync=True)
+
 
 def params_dtype(args: argparse.Namespace) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
@@ -112,9 +119,10 @@ def build_components(args: argparse.Namespace, model_config: Any, train_iters: i
     module, config = build_denoiser(args, model_config)
     module.to(local_device())
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather, bucket_size=args.ddp_bucket_size,
         use_distributed_optimizer=args.use_distributed_optimizer, check_for_nan_in_grad=False,
-    )
+    )  # megatron's DDP picks the default bucket size (one bucket without overlap), as Megatron-LM
     model = DistributedDataParallel(config, ddp_config, module)
     options = optimizer_options(args)
     optimizer = build_optimizer([model], options)

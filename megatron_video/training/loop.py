@@ -294,6 +294,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
             "ema_updates": parts.ema.num_updates if parts.ema is not None else 0,
         }
         started = time.monotonic()
+        parts.sync_params()  # the weights the checkpoint reads, not the ones the next forward would gather
         path = save_checkpoint(args.save, iteration, checkpoint_sharded_state(parts, loading=False), common,
                                args.keep_last_checkpoints, args.overwrite_newer_checkpoints)
         if dist.get_rank() == 0:  # read by the next run's preflight, before it builds anything

@@ -91,6 +91,15 @@ class HeadRMSNorm(nn.Module):
         return out.to(x.dtype)
 
 
+class UpcastColumnParallelLinear(ColumnParallelLinear):
+    """A column-parallel linear computed with an fp32 copy of its weight. The weight is read inside this
+    module's forward: megatron's DDP pre-forward hook (--overlap-param-gather) finishes the all-gather of the
+    called module's own parameters only, so a read by the parent before the call would see stale weights."""
+
+    def forward(self, input_: torch.Tensor):
+        return super().forward(input_, weight=self.weight.float())
+
+
 class Modulation(nn.Module):
     """silu(temb) -> column-parallel Linear(E -> n*H), gathered to the full n*H, in fp32.
 
@@ -101,14 +110,14 @@ class Modulation(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, config: ModelParallelConfig, init_std: float) -> None:
         super().__init__()
         self.sequence_parallel = config.sequence_parallel
-        self.linear = ColumnParallelLinear(
+        self.linear = UpcastColumnParallelLinear(
             in_dim, out_dim, config=dataclasses.replace(without_sequence_parallel(config),
                                                         gradient_accumulation_fusion=False),
             init_method=normal_init(init_std), bias=True, gather_output=False, skip_bias_add=True,
         )
 
     def forward(self, temb: torch.Tensor) -> torch.Tensor:
-        out, bias = self.linear(F.silu(temb.float())[None], weight=self.linear.weight.float())
+        out, bias = self.linear(F.silu(temb.float())[None])
         out = out[0] + bias.float()
         if tp_world_size() == 1:
             return out
@@ -129,6 +138,7 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) ->
 
 
 __all__ = [
-    "HeadRMSNorm", "LayerNorm", "Modulation", "gated_residual", "gather_shared_input", "mark_sequence_parallel",
+    "HeadRMSNorm", "LayerNorm", "Modulation", "UpcastColumnParallelLinear", "gated_residual",
+    "gather_shared_input", "mark_sequence_parallel",
     "modulate", "normal_init", "sequence_parallel_on", "tp_world_size", "without_sequence_parallel",
 ]

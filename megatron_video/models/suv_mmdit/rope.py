@@ -8,6 +8,8 @@ token keeps its true position.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -18,8 +20,23 @@ def rope_sections(head_dim: int) -> tuple[int, int, int]:
 
 def rope_cos_sin(
     grid: tuple[int, int, int], head_dim: int, base: float, device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (N, head_dim), fp32, for tokens flattened in (t, h, w) order."""
+    """cos, sin of shape (N, head_dim) in `dtype` (angles in float64), for tokens flattened in (t, h, w) order.
+    Built once per (grid, head_dim, base, device, dtype) and shared: treat the tensors as read-only."""
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    return _rope_cos_sin(tuple(grid), head_dim, float(base), device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_cos_sin(grid: tuple[int, int, int], head_dim: int, base: float, device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode(False):  # a first call under inference mode must not cache inference tensors
+        return _build(grid, head_dim, base, device, dtype)
+
+
+def _build(grid: tuple[int, int, int], head_dim: int, base: float, device: torch.device,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     t, h, w = grid
     axes = torch.meshgrid(
         torch.arange(t, device=device), torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij",
@@ -30,7 +47,7 @@ def rope_cos_sin(
         ang = pos.reshape(-1, 1).to(torch.float64) * freqs  # (N, size/2)
         angles.append(torch.cat([ang, ang], dim=-1))
     angle = torch.cat(angles, dim=-1)
-    return angle.cos().float(), angle.sin().float()
+    return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
 def _rotate_half_blocks(u: torch.Tensor, sections: tuple[int, ...]) -> torch.Tensor:

@@ -166,7 +166,7 @@ def _mm_model_config(path: str, notes: list[str]) -> SUVConfig:
     """The SUV config of an upstream model JSON's 'predictor' section."""
     import json
 
-    from checkpoints_convert.upstream import config_from_predictor
+    from megatron_video.models.suv_mmdit.upstream import config_from_predictor
 
     try:
         predictor = json.loads(Path(path).read_text())["predictor"]

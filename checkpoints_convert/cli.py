@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from checkpoints_convert.convert import (
@@ -15,6 +16,7 @@ from checkpoints_convert.convert import (
     reshard_legacy,
 )
 from checkpoints_convert.layout import LayoutError
+from checkpoints_convert.mindspeed import FLAVOURS, UpstreamLegacyReader
 from checkpoints_convert.ours import CheckpointFormatError, LegacyReader
 from checkpoints_convert.schema import SchemaError, config_from_diffusers
 from checkpoints_convert.sources import SourceError, open_released
@@ -63,7 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--last-block-text", choices=("auto", "keep", "drop"), default="auto",
                      help="the last block's text output modules (released TP=8 weights carry them; they never "
                           "affect the output): keep as found (auto), require (keep) or drop them")
+    imp.add_argument("--from", dest="source_format", choices=("released",) + FLAVOURS, default="released",
+                     help="what the source is: released weights (default), or a training checkpoint of "
+                          "MindSpeed-MM or of the Open-Sora Plan fork (its root, iter_XXXXXXX/ or release/ "
+                          "folder: mp_rank_TT[_PPP]/model_optim_rng.pt at any TP)")
+    imp.add_argument("--weights", choices=("model", "ema"), default="model",
+                     help="--from osp-fork: the model or the EMA ('ema_model') weights")
     _add_config(imp)
+    imp.add_argument("--mm-model", help="the model config as an upstream model JSON (MindSpeed-MM / fork "
+                     "--mm-model file; its 'predictor' section)")
 
     exp = sub.add_parser("export", help="our checkpoint (dist or legacy; model or EMA) -> released files")
     exp.add_argument("checkpoint", help="checkpoint root or an iter_XXXXXXX directory")
@@ -120,11 +130,23 @@ def _stored_config(data: dict[str, Any] | None, diffusers: bool) -> SUVConfig | 
 def run(args: argparse.Namespace) -> str:
     start = time.perf_counter()
     if args.command == "import":
-        source = open_released(args.source, args.prefix, args.nest)
-        cfg = resolve_config(args, _stored_config(source.config, diffusers=True))
+        notes: list[str] = []
+        if args.source_format == "released":
+            source = open_released(args.source, args.prefix, args.nest)
+            stored = _stored_config(source.config, diffusers=True)
+        else:
+            source = UpstreamLegacyReader(args.source, args.source_format, args.weights)
+            stored = None
+        if args.mm_model:
+            stored = _mm_model_config(args.mm_model, notes)
+        cfg = resolve_config(args, stored)
         out = import_released(source, args.output, cfg, args.format, args.tp, args.pp, args.iteration,
                               args.last_block_text)
         detail = f"{args.format} checkpoint" + (f" TP={args.tp} PP={args.pp}" if args.format == "legacy" else "")
+        for key, diff in sorted(getattr(source, "drift", {}).items()):
+            notes.append(f"note: {key} differs between TP ranks (max |diff| {diff:.3g}); TP rank 0's value taken")
+        for note in notes:
+            print(note, file=sys.stderr)
     elif args.command == "export":
         stored = _legacy_config(args.checkpoint, args.iteration)
         cfg = resolve_config(args, stored)
@@ -139,6 +161,22 @@ def run(args: argparse.Namespace) -> str:
         out = reshard_legacy(args.checkpoint, args.output, cfg, args.tp, args.pp, args.iteration)
         detail = f"legacy checkpoint TP={args.tp} PP={args.pp}"
     return f"{args.command}: wrote {detail} to {out} in {time.perf_counter() - start:.1f} s"
+
+def _mm_model_config(path: str, notes: list[str]) -> SUVConfig:
+    """The SUV config of an upstream model JSON's 'predictor' section."""
+    import json
+
+    from megatron_video.models.suv_mmdit.upstream import config_from_predictor
+
+    try:
+        predictor = json.loads(Path(path).read_text())["predictor"]
+        cfg, dropped = config_from_predictor(predictor)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise SchemaError(f"--mm-model {path}: not an upstream model JSON with a 'predictor' section ({exc})") \
+            from exc
+    notes.extend(f"note: --mm-model predictor.{k} not used: {why}" for k, why in dropped.items())
+    return cfg
+
 
 def _legacy_config(path: str, iteration: int | None) -> SUVConfig | None:
     from checkpoints_convert.ours import detect_format, resolve_iteration

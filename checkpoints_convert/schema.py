@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from checkpoints_convert.upstream import UpstreamConfigError, config_from_predictor, predictor_kwargs
 from megatron_video.models.suv_mmdit.config import SUVConfig
+from megatron_video.models.suv_mmdit.upstream import UpstreamConfigError, config_from_predictor, predictor_kwargs
 
 Shape = tuple[int, ...]
 
@@ -125,7 +125,7 @@ def describe(cfg: SUVConfig) -> str:
 
 def diffusers_config(cfg: SUVConfig) -> dict[str, Any]:
     """The `config.json` of a diffusers-style folder holding these weights: upstream SparseUMMDiT's constructor
-    arguments by their own names (checkpoints_convert/upstream.py)."""
+    arguments by their own names (megatron_video/models/suv_mmdit/upstream.py)."""
     try:
         return {"_class_name": "SparseUMMDiT", **predictor_kwargs(cfg)}
     except UpstreamConfigError as exc:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from checkpoints_convert.schema import SchemaError, config_from_diffusers, diffusers_config
-from checkpoints_convert.upstream import UpstreamConfigError, config_from_predictor, predictor_kwargs
 from megatron_video.models.suv_mmdit.config import PRESETS
+from megatron_video.models.suv_mmdit.upstream import UpstreamConfigError, config_from_predictor, predictor_kwargs
 
 SIGNATURE = json.loads((Path(__file__).parent / "data/mindspeed/sparseu_mmdit_signature.json").read_text())
 FORK_ARGS = SIGNATURE["open_sora_plan_fork"]["args"]

@@ -47,8 +47,11 @@ NO_COUNTERPART = {
     "sample_size_t": "only sizes upstream's RoPE position cache; positions come from each batch's shape",
     "sample_size_h": "only sizes upstream's RoPE position cache; positions come from each batch's shape",
     "sample_size_w": "only sizes upstream's RoPE position cache; positions come from each batch's shape",
-    "sparse1d": "read with sparse_n (false: upstream uses sparse_n = 1 in every stage, and so do we)",
-    "patch_size_thw": "read as patch_size_t (t) and patch_size (h = w)",
+}
+# Read together with other keys (below): key -> what it becomes.
+COMBINED = {
+    "sparse1d": "with sparse_n (false: sparse_n = 1 in every stage, as upstream)",
+    "patch_size_thw": "patch_size_t (t) and patch_size (h = w)",
 }
 RELEASED_ROPE_BASE = 10000.0  # upstream's RoPE3D(freq=10000.0) has no constructor argument for it
 
@@ -101,7 +104,7 @@ def config_from_predictor(data: dict[str, Any], base: SUVConfig | None = None,
                 values["rope_base"] = float(value)
         elif key in NO_COUNTERPART:
             dropped[key] = NO_COUNTERPART[key]
-        else:
+        elif key not in COMBINED:
             raise UpstreamConfigError(f"unknown predictor key {key!r}")
     if "patch_size_thw" in data:
         t, h, w = data["patch_size_thw"]
@@ -120,5 +123,5 @@ def config_from_predictor(data: dict[str, Any], base: SUVConfig | None = None,
         raise UpstreamConfigError(str(exc)) from exc
 
 
-__all__ = ["DIRECT", "FIXED", "NO_COUNTERPART", "UpstreamConfigError", "config_from_predictor",
+__all__ = ["COMBINED", "DIRECT", "FIXED", "NO_COUNTERPART", "UpstreamConfigError", "config_from_predictor",
            "predictor_kwargs"]

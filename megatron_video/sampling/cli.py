@@ -61,18 +61,31 @@ def read_lines(path: str, what: str) -> list[str]:
     return [line for line in lines if line]
 
 
-def vae_factors(args: argparse.Namespace) -> tuple[int, int, int]:
-    """(temporal, spatial, latent channels) of the decoder that will be used."""
-    if args.stand_in_vae is not None:
+def vae_factors(stand_in: int | None, vae_config: str | None) -> tuple[int, int, int]:
+    """(temporal, spatial, latent channels) of the decoder: the space-to-depth stand-in or the WF-VAE."""
+    if stand_in is not None:
         from megatron_video.models.space_to_depth import SpaceToDepthVAE
 
-        return 1, args.stand_in_vae, SpaceToDepthVAE(args.stand_in_vae).latent_channels
+        return 1, stand_in, SpaceToDepthVAE(stand_in).latent_channels
     from megatron_video.models.wfvae import WFVAEConfig
     from megatron_video.models.wfvae.model import COMPRESSION
 
-    config = WFVAEConfig.from_dict(json.loads(Path(args.vae_config).read_text())) if args.vae_config \
-        else WFVAEConfig()
+    config = WFVAEConfig.from_dict(json.loads(Path(vae_config).read_text())) if vae_config else WFVAEConfig()
     return COMPRESSION, COMPRESSION, config.latent_dim
+
+
+def check_shape(cfg: Any, factors: tuple[int, int, int], num_frames: int, height: int, width: int,
+                flags: tuple[str, str, str] = ("--num-frames", "--height", "--width")) -> None:
+    temporal, spatial, channels = factors
+    if num_frames < 1 or (num_frames - 1) % temporal:
+        raise SampleInputError(f"{flags[0]} {num_frames}: the VAE needs {temporal}n+1 frames")
+    step = spatial * cfg.patch_size
+    for flag, value in ((flags[1], height), (flags[2], width)):
+        if value < step or value % step:
+            raise SampleInputError(f"{flag} {value} is not a multiple of VAE factor x patch = {spatial} x "
+                                   f"{cfg.patch_size} = {step}")
+    if channels != cfg.in_channels:
+        raise SampleInputError(f"the VAE gives {channels} latent channels, the model config takes {cfg.in_channels}")
 
 
 def check_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -94,16 +107,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
                                "or one per prompt")
     if args.stand_in_vae is None and args.vae_path is None:
         raise SampleInputError("give --vae-path (the WF-VAE) or --stand-in-vae FACTOR to decode the latents")
-    temporal, spatial, channels = vae_factors(args)
-    if args.num_frames < 1 or (args.num_frames - 1) % temporal:
-        raise SampleInputError(f"--num-frames {args.num_frames}: the VAE needs {temporal}n+1 frames")
-    step = spatial * cfg.patch_size
-    for flag, value in (("--height", args.height), ("--width", args.width)):
-        if value < step or value % step:
-            raise SampleInputError(f"{flag} {value} is not a multiple of VAE factor x patch = {spatial} x "
-                                   f"{cfg.patch_size} = {step}")
-    if channels != cfg.in_channels:
-        raise SampleInputError(f"the VAE gives {channels} latent channels, the model config takes {cfg.in_channels}")
+    check_shape(cfg, vae_factors(args.stand_in_vae, args.vae_config), args.num_frames, args.height, args.width)
     if args.num_steps < 1 or args.guidance_scale < 0:
         raise SampleInputError("--num-steps must be >= 1 and --guidance-scale >= 0")
     if cfg.condition_channels == 0 and args.task != "t2v":
@@ -186,18 +190,18 @@ def load_weights(args: argparse.Namespace, module: torch.nn.Module) -> None:
     module.load_state_dict(loaded["weights"], strict=True)
 
 
-def text_encoder(args: argparse.Namespace, cfg: Any, device: torch.device) -> Any:
-    """captions -> TextBatch."""
+def text_encoder(kind: str, t5_path: str | None, clip_path: str | None, cfg: Any, device: torch.device) -> Any:
+    """captions -> TextBatch, with T5 + CLIP ("osp") or the deterministic stand-in ("stub")."""
     from megatron_video.sampling.sampler import TextBatch
 
-    if args.encoders == "stub":
+    if kind == "stub":
         from megatron_video.data.cache_builder import stub_encoders
 
         _, encode = stub_encoders(text_dim=cfg.caption_channels, pooled_dim=cfg.pooled_projection_dim)
     else:
         from megatron_video.models.text_encoders import TextEncoders
 
-        encoders = TextEncoders.from_pretrained(args.t5_path, args.clip_path, dtype=torch.float32, device=device)
+        encoders = TextEncoders.from_pretrained(t5_path, clip_path, dtype=torch.float32, device=device)
 
         def encode(captions: list[str]) -> tuple[torch.Tensor, ...]:
             return tuple(encoders.encode(captions))
@@ -209,15 +213,21 @@ def text_encoder(args: argparse.Namespace, cfg: Any, device: torch.device) -> An
     return run
 
 
-def build_vae(args: argparse.Namespace, device: torch.device) -> Any:
-    if args.stand_in_vae is not None:
+def build_vae(stand_in: int | None, vae_path: str | None, vae_config: str | None, device: torch.device) -> Any:
+    if stand_in is not None:
         from megatron_video.models.space_to_depth import SpaceToDepthVAE
 
-        return SpaceToDepthVAE(args.stand_in_vae)
+        return SpaceToDepthVAE(stand_in)
     from megatron_video.models.wfvae import WFVAEConfig, load_wfvae
 
-    config = WFVAEConfig.from_dict(json.loads(Path(args.vae_config).read_text())) if args.vae_config else None
-    return load_wfvae(args.vae_path, config).to(device).eval()
+    config = WFVAEConfig.from_dict(json.loads(Path(vae_config).read_text())) if vae_config else None
+    return load_wfvae(vae_path, config).to(device).eval()
+
+
+def latent_size(cfg: Any, factors: tuple[int, int, int], num_frames: int, height: int, width: int,
+                ) -> tuple[int, int, int, int]:
+    temporal, spatial, _ = factors
+    return cfg.in_channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial
 
 
 def read_condition_video(path: str, num_frames: int, height: int, width: int) -> torch.Tensor:
@@ -264,10 +274,10 @@ def run(args: argparse.Namespace, prompts: list[str], negatives: list[str]) -> l
     check_weights(args, module)
     load_weights(args, module)
 
-    temporal, spatial, _ = vae_factors(args)
-    latent = (cfg.in_channels, (args.num_frames - 1) // temporal + 1, args.height // spatial, args.width // spatial)
-    encode_text = text_encoder(args, cfg, device)
-    vae = build_vae(args, device)
+    latent = latent_size(cfg, vae_factors(args.stand_in_vae, args.vae_config), args.num_frames, args.height,
+                         args.width)
+    encode_text = text_encoder(args.encoders, args.t5_path, args.clip_path, cfg, device)
+    vae = build_vae(args.stand_in_vae, args.vae_path, args.vae_config, device)
     config = SamplerConfig(num_steps=args.num_steps, guidance_scale=args.guidance_scale)
     dp_rank, dp = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
     writer = mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_context_parallel_rank() == 0 \

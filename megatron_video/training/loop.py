@@ -250,9 +250,9 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         log.info("saved checkpoint %s in %.1f s", path, time.monotonic() - started)
 
     condition = setup(args, parts, encode) if setup is not None else None
-    from megatron_video.evaluation.runner import build_evaluator, maybe_evaluate
+    from megatron_video.evaluation.runner import build_hooks
 
-    evaluator = build_evaluator(args, dp_rank, dp_size, objective, prepare_inputs, condition)
+    hooks = build_hooks(args, dp_rank, dp_size, objective, prepare_inputs, condition, device)  # eval loss, samples
     if args.load:
         resume(args, parts, data, state, log)
     # extreme batches recorded by any earlier run of this job, even after the checkpoint it resumes from
@@ -312,7 +312,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         scalars["mfu"] = scalars["tflops_per_device"] / args.peak_tflops if args.peak_tflops else 0.0
         log.log(state.iteration, scalars, extra="EXTREME step skipped" if record.extreme else "")
         due = args.save and args.save_interval and state.iteration % args.save_interval == 0
-        maybe_evaluate(evaluator, parts, encode, state.iteration, state.iteration == args.train_iters, log)
+        hooks.after_step(parts, encode, state.iteration, state.iteration == args.train_iters, log)
         preempted = preemption.agreed(device)
         if args.save and (due or preempted or state.iteration == args.train_iters):
             save(state.iteration)

@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=_positive_int, default=100,
                    help="Megatron-LM: global batches per evaluation (fewer if the held-out set is smaller)")
     g.add_argument("--eval-ema", action="store_true", help="evaluate (and sample) with the EMA weights")
+    from megatron_video.sampling.training import add_training_sample_args
+
+    add_training_sample_args(g)
     return parser
 
 
@@ -327,6 +330,13 @@ def parse_args(
     if heads is not None:
         validate_args(args, world_size, num_heads=heads)
         validate_model_parallel(args)
+    if args.sample_interval is not None and args.data_config is not None and heads is not None:
+        from megatron_video.sampling.training import SampleInputError, check_sample_args
+
+        try:
+            check_sample_args(args)
+        except SampleInputError as exc:
+            raise ArgumentError(str(exc)) from exc
     return args
 
 

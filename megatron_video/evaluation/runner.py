@@ -121,4 +121,29 @@ def build_evaluator(args: argparse.Namespace, dp_rank: int, dp_size: int, object
     return Evaluator(args, dp_rank, dp_size, objective, prepare_inputs, condition)
 
 
-__all__ = ["Evaluator", "build_evaluator", "ema_weights", "eval_data_config", "maybe_evaluate"]
+
+
+class TrainingHooks:
+    """What the training loop calls after each step: the evaluation loss and the sample videos when due."""
+
+    def __init__(self, evaluator: Evaluator | None, sampler: Any) -> None:
+        self.evaluator, self.sampler = evaluator, sampler
+
+    def after_step(self, parts: Any, encode: Callable, iteration: int, last: bool, log: Any) -> None:
+        maybe_evaluate(self.evaluator, parts, encode, iteration, last, log)
+        if self.sampler is not None and self.sampler.due(iteration):
+            self.sampler.run(parts, iteration, log)
+
+
+def build_hooks(args: argparse.Namespace, dp_rank: int, dp_size: int, objective: Any, prepare_inputs: Callable,
+                condition: Callable | None, device: torch.device) -> TrainingHooks:
+    sampler = None
+    if args.sample_interval is not None:
+        from megatron_video.sampling.training import TrainingSampler
+
+        sampler = TrainingSampler(args, device)
+    return TrainingHooks(build_evaluator(args, dp_rank, dp_size, objective, prepare_inputs, condition), sampler)
+
+
+__all__ = ["Evaluator", "TrainingHooks", "build_evaluator", "build_hooks", "ema_weights", "eval_data_config",
+           "maybe_evaluate"]

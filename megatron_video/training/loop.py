@@ -301,11 +301,11 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
             write_model_config(path, args.model_config)
         log.info("saved checkpoint %s in %.1f s", path, time.monotonic() - started)
 
-    from megatron_video.evaluation.runner import build_evaluator, maybe_evaluate
+    from megatron_video.evaluation.runner import build_hooks
 
     try:
         condition = setup(args, parts, encode) if setup is not None else None
-        evaluator = build_evaluator(args, dp_rank, dp_size, objective, prepare_inputs, condition)
+        hooks = build_hooks(args, dp_rank, dp_size, objective, prepare_inputs, condition, device)  # eval, samples
         if args.load and resume_iteration(args.load) is None:  # --load = --save on a job's first run (preflight.py)
             log.info("no checkpoint in --load %s yet: starting from scratch", args.load)
         elif args.load:
@@ -388,7 +388,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         scalars["iteration_ms"], scalars["consumed_samples"] = 1000.0 * elapsed, float(state.consumed_samples)
         log.log(state.iteration, scalars, extra="EXTREME step skipped" if record.extreme else "")
         due = args.save and args.save_interval and state.iteration % args.save_interval == 0
-        maybe_evaluate(evaluator, parts, encode, state.iteration, state.iteration == args.train_iters, log)
+        hooks.after_step(parts, encode, state.iteration, state.iteration == args.train_iters, log)
         preempted = preemption.agreed(device)
         # a non-finite step postpones a due save to the next finite step, so the newest checkpoint (the one
         # --keep-last-checkpoints keeps) never follows a non-finite loss / grad norm

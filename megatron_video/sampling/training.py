@@ -1,0 +1,116 @@
+"""Videos during training: every --sample-interval iterations the model (or its EMA with --eval-ema) samples the
+fixed prompts of --sample-prompts with fixed seeds (--seed + i); the decoded videos go to TensorBoard.
+
+Every rank of every replica samples every prompt (the model's TP / CP / PP ranks must run together; replicas
+repeat the work instead of exchanging videos), and the TensorBoard rank (the last) decodes and logs them."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from typing import Any
+
+import torch
+
+from megatron_video.sampling.cli import (
+    SampleInputError,
+    build_vae,
+    check_shape,
+    latent_size,
+    read_lines,
+    text_encoder,
+    vae_factors,
+)
+
+
+def add_training_sample_args(group: Any) -> None:
+    group.add_argument("--sample-interval", type=int, default=None,
+                       help="iterations between sampling the --sample-prompts to TensorBoard (default: never)")
+    group.add_argument("--sample-prompts", type=str, default=None, help="text file, one prompt per line")
+    group.add_argument("--sample-shape", type=str, default=None, metavar="T,H,W",
+                       help="frames, height, width (default: the data config's shape)")
+    group.add_argument("--sample-num-steps", type=int, default=50)
+    group.add_argument("--sample-guidance-scale", type=float, default=7.5)
+    group.add_argument("--sample-encoders", choices=("osp", "stub"), default="osp",
+                       help="text encoders for the prompts: T5 + CLIP (--t5-path/--clip-path) or the stand-in")
+    group.add_argument("--sample-stand-in-vae", type=int, default=None, metavar="FACTOR",
+                       help="decode with the space-to-depth stand-in VAE instead of the WF-VAE (--vae-path)")
+
+
+def sample_shape(args: argparse.Namespace) -> tuple[int, int, int]:
+    if args.sample_shape:
+        try:
+            t, h, w = (int(v) for v in args.sample_shape.split(","))
+        except ValueError as exc:
+            raise SampleInputError(f"--sample-shape {args.sample_shape!r} is not T,H,W") from exc
+        return t, h, w
+    shape = args.data_config.shape
+    return shape.num_frames, shape.height, shape.width
+
+
+def check_sample_args(args: argparse.Namespace) -> list[str]:
+    """Before anything heavy: the prompt file, the shape against the VAE and the model; returns the prompts."""
+    if args.sample_interval is None:
+        return []
+    if args.sample_interval < 1:
+        raise SampleInputError(f"--sample-interval must be >= 1, got {args.sample_interval}")
+    if not args.sample_prompts:
+        raise SampleInputError("--sample-interval needs --sample-prompts")
+    prompts = read_lines(args.sample_prompts, "--sample-prompts")
+    if not prompts:
+        raise SampleInputError(f"--sample-prompts: {args.sample_prompts} holds no prompt")
+    if args.sample_stand_in_vae is None and args.vae_path is None:
+        raise SampleInputError("--sample-interval needs --vae-path or --sample-stand-in-vae to decode")
+    if args.sample_encoders == "osp" and not (args.t5_path and args.clip_path):
+        raise SampleInputError("--sample-encoders osp needs --t5-path and --clip-path")
+    cfg = args.model_config
+    if cfg.condition_channels:
+        raise SampleInputError("--sample-interval samples text-to-video models; sample inpainting checkpoints with "
+                               "tools/sample.py --task")
+    check_shape(cfg, vae_factors(args.sample_stand_in_vae, args.vae_config), *sample_shape(args),
+                flags=("--sample-shape T", "--sample-shape H", "--sample-shape W"))
+    return prompts
+
+
+class TrainingSampler:
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        from megatron_video.sampling.sampler import SamplerConfig
+
+        self.args, self.device = args, device
+        self.prompts = check_sample_args(args)
+        cfg = args.model_config
+        factors = vae_factors(args.sample_stand_in_vae, args.vae_config)
+        self.latent = latent_size(cfg, factors, *sample_shape(args))
+        self.encode_text = text_encoder(args.sample_encoders, args.t5_path, args.clip_path, cfg, device)
+        self.vae = build_vae(args.sample_stand_in_vae, args.vae_path, args.vae_config, device)
+        self.config = SamplerConfig(num_steps=args.sample_num_steps, guidance_scale=args.sample_guidance_scale)
+        self.fps = args.data_config.shape.fps
+
+    def due(self, iteration: int) -> bool:
+        return iteration % self.args.sample_interval == 0
+
+    def run(self, parts: Any, iteration: int, log: Any) -> list[torch.Tensor]:
+        """Sample every prompt; returns the decoded videos on the logging rank (empty elsewhere)."""
+        from megatron_video.evaluation.runner import ema_weights
+        from megatron_video.sampling.sampler import initial_noise, sample
+        from megatron_video.sampling.video import log_video, to_frames
+
+        use_ema = self.args.eval_ema and parts.ema is not None
+        videos = []
+        with ema_weights(parts.module, parts.ema) if use_ema else contextlib.nullcontext():
+            for index, prompt in enumerate(self.prompts):
+                noise = initial_noise(self.latent, [self.args.seed + index], self.device)
+                negative = self.encode_text([""]) if self.config.guidance_scale != 1.0 else None
+                latents = sample(parts.model, parts.module, noise, self.encode_text([prompt]), self.config, negative)
+                if log.writer is not None:
+                    video = self.vae.decode(latents, chunk_size=self.args.vae_chunk_size)[0].float()
+                    log_video(log.writer, f"samples/{index:02d}", to_frames(video), iteration, self.fps)
+                    videos.append(video)
+        if log.writer is not None:
+            log.writer.flush()
+        log.info("sampled %d prompt(s) at iteration %d (%s weights)", len(self.prompts), iteration,
+                 "EMA" if use_ema else "model")
+        return videos
+
+
+__all__ = ["TrainingSampler", "add_training_sample_args", "check_sample_args", "sample_shape"]

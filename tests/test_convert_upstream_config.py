@@ -44,7 +44,9 @@ def test_old_export_names_still_read() -> None:
     old = {"_class_name": "SparseUMMDiT", "num_layers": [2, 2, 2], "sparse_n": [1, 2, 1], "num_attention_heads": 2,
            "attention_head_dim": 16, "in_channels": 4, "out_channels": 4, "patch_size": 2, "patch_size_t": 1,
            "timestep_embed_dim": 16, "caption_channels": 24, "pooled_projection_dim": 20, "norm_eps": 1e-6,
-           "skip_connection": True, "sparse1d": True, "double_ff": True, "rope_base": 10000.0}
+           "skip_connection": True, "sparse1d": True, "double_ff": True, "rope_base": 10000.0, "attention_bias": True,
+           "activation_fn": "gelu-approximate", "norm_elementwise_affine": True, "ff_bias": False,
+           "skip_connection_zero_init": True}  # everything our earlier exports wrote
     assert config_from_diffusers(old) == cfg
 
 
@@ -61,4 +63,4 @@ def test_values_upstream_cannot_express_or_we_cannot_build_are_errors() -> None:
         config_from_predictor({"num_head": 24})
     cfg, dropped = config_from_predictor({"sparse1d": False, "num_layers": [2, 2, 2], "sparse_n": [1, 4, 1],
                                           "dtype": "bf16"})
-    assert cfg.sparse_n == (1, 1, 1) and set(dropped) == {"sparse1d", "dtype"}
+    assert cfg.sparse_n == (1, 1, 1) and set(dropped) == {"dtype"}  # sparse1d is read with sparse_n

@@ -124,3 +124,11 @@ def test_script_parsing_expands_variables_and_arithmetic(tmp_path: Path) -> None
                       '2>&1 | tee log\n')
     assert script_args(script.read_text()) == ["--lr", "1e-5", "--micro-batch-size", "3", "--global-batch-size", "6",
                                                "--seed", "7", "--bf16"]
+
+
+def test_script_alone_names_the_configs_it_did_not_translate(tmp_path: Path) -> None:
+    mig = migrate(tmp_path, script=str(DATA / "msmm_pretrain.sh"))
+    reasons = dict(mig.dropped)
+    assert "--mm-data" in reasons["--mm-data ./examples/opensoraplan1.5/data.json"]
+    assert "--data-config" not in mig.flags and "--model-config" not in mig.flags
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MIGRATION.txt", "launch_flags.txt"]

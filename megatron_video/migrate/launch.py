@@ -112,9 +112,10 @@ def _pairs(args: list[str]) -> list[tuple[str, str | None]]:
     return pairs
 
 
-def translate_flags(args: list[str], mig: Migration, flavour: str, data_yaml: str, model_yaml: str,
+def translate_flags(args: list[str], mig: Migration, flavour: str, data_yaml: str | None, model_yaml: str | None,
                     vae_json: str | None) -> None:
-    """Map upstream launch arguments onto ours (appended to `mig.flags`)."""
+    """Map upstream launch arguments onto ours (appended to `mig.flags`); `data_yaml` / `model_yaml`: where the
+    translated configs are written (None: not translated in this run)."""
     from megatron_video.arguments import build_parser
 
     ours = build_parser()._option_string_actions
@@ -135,10 +136,16 @@ def translate_flags(args: list[str], mig: Migration, flavour: str, data_yaml: st
             mig.use(shown, "--recompute-granularity selective recomputes the FFN half of every block")
         elif flag == "--use-ema":
             mig.add_flag(shown, "--ema-decay", "0.9999")
+        elif flag == "--num-workers" and data_yaml is None:
+            mig.drop(shown, "the data YAML's num_workers: pass the data JSON as --mm-data to write it")
         elif flag == "--num-workers":
             mig.set_data(shown, "num_workers", int(value or 0))
+        elif flag == "--mm-data" and data_yaml is None:
+            mig.drop(shown, "not translated here: pass that file as --mm-data to get --data-config")
         elif flag == "--mm-data":
             mig.add_flag(shown, "--data-config", data_yaml)
+        elif flag == "--mm-model" and model_yaml is None:
+            mig.drop(shown, "not translated here: pass that file as --mm-model to get --model-config")
         elif flag == "--mm-model":
             mig.add_flag(shown, "--model-config", model_yaml)
             if vae_json:

@@ -42,7 +42,8 @@ def migrate(out: str | Path, mm_model: str | None = None, mm_data: str | None = 
             text = Path(script).read_text()
         except OSError as exc:
             raise MigrationError(f"launch script {script}: {exc}") from exc
-        translate_flags(script_args(text), mig, flavour, str(out / "data.yaml"), str(out / "model.yaml"),
+        translate_flags(script_args(text), mig, flavour, str(out / "data.yaml") if mm_data else None,
+                        str(out / "model.yaml") if mm_model else None,
                         str(out / "vae.json") if mig.vae is not None else None)
     check(mig)
     write(mig, out)

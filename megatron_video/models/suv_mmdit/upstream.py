@@ -29,6 +29,7 @@ OLD_NAMES = {"num_attention_heads": "num_heads", "attention_head_dim": "head_dim
 FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
     "double_ff": ((True,), "the text stream has its own FFN in every block but the last"),
     "attention_bias": ((True,), "q/k/v projections carry biases"),
+    "ff_bias": ((False,), "FFN linears without biases"),  # not an upstream argument; our earlier exports wrote it
     "activation_fn": (("gelu-approximate",), "FFN activation GELU (tanh approximation)"),
     "dropout": ((0.0, 0), "no dropout"),
     "skip_connection_zero_init": ((True,), "long-skip linears start as [I | 0], without a norm in front"),

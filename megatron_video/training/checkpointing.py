@@ -163,6 +163,8 @@ def save_checkpoint(
     sharded state dicts; `common_state` holds plain values saved once (iteration, counters, sampler, ...)."""
     from megatron.core import dist_checkpointing
 
+    from megatron_video.adaptor.checkpoint_writers import WritersDieWithParent
+
     root = Path(root)
     tmp = tmp_dir(root, iteration)
     if _is_rank0():
@@ -171,7 +173,8 @@ def save_checkpoint(
     state = dict(sharded_state)
     state["rng_state"] = _rng_sharded_object(rng_state())
     state["common"] = {**common_state, "has_rng_state": True}
-    dist_checkpointing.save(state, str(tmp))
+    with WritersDieWithParent():  # a killed job leaves no writer process behind
+        dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _is_rank0():
         publish_checkpoint(root, iteration, tmp)

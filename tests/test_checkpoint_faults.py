@@ -3,6 +3,7 @@ so plainly."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,3 +50,40 @@ def test_writers_die_with_a_killed_job(tmp_path: Path):
     for pid in survivors:  # do not leave them behind whatever the outcome
         os.kill(pid, signal.SIGKILL)
     assert not survivors, f"{[names[p] for p in survivors]} outlived the killed job (of {len(children)} children)"
+
+
+def _state(value: float) -> dict:
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    return {"model": {"w": ShardedTensor.from_rank_offsets("model.w", torch.full((4, 4), value), replica_id=0)}}
+
+
+def test_full_disk_removes_the_partial_checkpoint_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """ENOSPC injected where megatron's writer processes write each item (`filesystem_async._write_item`)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from checkpoints_convert.ours import ensure_process_group
+    from megatron_video.parallel import initialize_parallel
+    from megatron_video.training.checkpointing import (
+        CheckpointSaveError,
+        latest_iteration,
+        load_checkpoint,
+        save_checkpoint,
+    )
+
+    ensure_process_group()
+    initialize_parallel()
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, 1, _state(1.0), {"world_size": 1})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(filesystem_async, "_write_item", disk_full)
+    with pytest.raises(CheckpointSaveError, match=f"^no space left on {root} while saving iteration 2;") as info:
+        save_checkpoint(root, 2, _state(2.0), {"world_size": 1})
+    assert info.value.out_of_space
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
+    assert latest_iteration(root) == 1
+    _, loaded, _ = load_checkpoint(root, lambda: _state(0.0))
+    assert torch.equal(loaded["model"]["w"], torch.full((4, 4), 1.0))

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron_video.optim.extreme_log import ExtremeStepLog, gather_sample_ids
 from megatron_video.training.checkpointing import (
     CheckpointError,
+    CheckpointSaveError,
     load_checkpoint,
     model_sharded_state_dict,
     save_checkpoint,
@@ -256,8 +257,13 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
             "ema_updates": parts.ema.num_updates if parts.ema is not None else 0,
         }
         started = time.monotonic()
-        path = save_checkpoint(args.save, iteration, checkpoint_sharded_state(parts, loading=False), common,
-                               args.keep_last_checkpoints)
+        try:
+            path = save_checkpoint(args.save, iteration, checkpoint_sharded_state(parts, loading=False), common,
+                                   args.keep_last_checkpoints)
+        except CheckpointSaveError as exc:  # rank 0 says why (and any rank that ran out of space)
+            if dist.get_rank() == 0 or exc.out_of_space:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         log.info("saved checkpoint %s in %.1f s", path, time.monotonic() - started)
 
     try:

@@ -87,3 +87,53 @@ def test_full_disk_removes_the_partial_checkpoint_and_says_so(tmp_path: Path, mo
     assert latest_iteration(root) == 1
     _, loaded, _ = load_checkpoint(root, lambda: _state(0.0))
     assert torch.equal(loaded["model"]["w"], torch.full((4, 4), 1.0))
+
+
+def _save_or_load(root: Path, distributed: bool, load: bool) -> None:
+    from megatron_video.optim import OptimizerOptions, build_optimizer
+    from megatron_video.training.checkpoint_state import check_optimizer_kind, optimizer_sharded_state
+    from megatron_video.training.checkpointing import load_checkpoint, model_sharded_state_dict, save_checkpoint
+    from megatron_video.training.components import materialize_optimizer_state
+    from tests.test_optim_helpers import build_model, full_weights
+
+    model = build_model(1, full_weights(0), use_distributed_optimizer=distributed)
+    opt = build_optimizer([model], OptimizerOptions(precision="fp32", clip_mode="none",
+                                                    use_distributed_optimizer=distributed))
+    materialize_optimizer_state(opt)
+
+    def state(loading: bool) -> dict:
+        model_sd = model_sharded_state_dict(model.module)
+        return {"model": model_sd, "optimizer": optimizer_sharded_state(opt, model_sd, loading)}
+
+    if load:
+        load_checkpoint(root, lambda: state(True), check_saved=check_optimizer_kind(opt))
+    else:
+        save_checkpoint(root, 1, state(False), {"world_size": 1})
+
+
+@pytest.mark.parametrize("saved_distributed", [True, False], ids=["dist-to-plain", "plain-to-dist"])
+def test_switching_the_distributed_optimizer_is_explained(tmp_path: Path, saved_distributed: bool):
+    from checkpoints_convert.ours import ensure_process_group
+    from megatron_video.parallel import initialize_parallel
+    from megatron_video.training.checkpointing import CheckpointError
+
+    ensure_process_group()
+    initialize_parallel()
+    _save_or_load(tmp_path, saved_distributed, load=False)
+    _save_or_load(tmp_path, saved_distributed, load=True)  # the same kind loads
+    with pytest.raises(CheckpointError, match=r"saved (with|without) --use-distributed-optimizer .*cannot be carried "
+                                              r"over\. Pass --no-load-optim"):
+        _save_or_load(tmp_path, not saved_distributed, load=True)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path):
+    from megatron_video.configfile import ConfigError, read_mapping
+
+    path = tmp_path / "model.yaml"
+    path.write_text("preset: small\nhidden_size: [1, 2\nnum_heads: 4\n")
+    with pytest.raises(ConfigError, match=rf"^{path}, line 3, column \d+: malformed YAML: "):
+        read_mapping(path)
+    path = tmp_path / "data.json"
+    path.write_text('{\n  "a": 1,\n  "b": }\n')
+    with pytest.raises(ConfigError, match=rf"^{path}, line 3, column 8: malformed JSON: "):
+        read_mapping(path)

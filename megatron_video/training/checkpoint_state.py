@@ -178,3 +178,26 @@ def load_optimizer_state(optimizer: Any, loaded: dict[str, Any], model_sharded_s
         if "step" in live:
             source["step"] = live["step"]
         leaf._set_main_param_and_optimizer_states(param, source)
+
+
+def check_optimizer_kind(optimizer: Any) -> Any:
+    """A `load_checkpoint(check_saved=...)` that refuses, before loading, a checkpoint whose optimizer state was
+    saved by the other kind of optimizer (--use-distributed-optimizer switched): the two keep different
+    per-group state (megatron fails with KeyError 'pre_wd_mult' or unexpected keys)."""
+    from megatron_video.training.checkpointing import CheckpointError
+
+    distributed = is_distributed(_only_leaf(optimizer))
+
+    def check(directory: Any, common: dict[str, Any]) -> None:
+        saved = common.get("optimizer")
+        if not isinstance(saved, dict):
+            return
+        if ("param_state_sharding_type" in saved) != distributed:
+            saved_with, run_with = ("without", "with") if distributed else ("with", "without")
+            raise CheckpointError(
+                f"{directory} was saved {saved_with} --use-distributed-optimizer and this run is "
+                f"{run_with} it: the optimizer state cannot be carried over. Pass --no-load-optim to load "
+                "the weights and training progress and start the optimizer (and EMA) afresh, or switch "
+                "--use-distributed-optimizer back.")
+
+    return check

@@ -235,8 +235,12 @@ def load_checkpoint(
     build_sharded_state: Callable[[], dict[str, Any]],
     iteration: int | None = None,
     strict: bool = True,
+    check_saved: Callable[[Path, dict[str, Any]], None] | None = None,
 ) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """Load `iteration` (default: the latest) into the tensors of `build_sharded_state()`.
+
+    `check_saved(directory, saved common state)`, if given, runs before anything else is loaded and raises a
+    `CheckpointError` for a checkpoint this run cannot take.
 
     Returns (iteration, loaded sharded state, common state). The caller applies the loaded values (megatron
     loads into new tensors for the optimizer and EMA; model ShardedTensors are loaded in place)."""
@@ -255,8 +259,10 @@ def load_checkpoint(
     from megatron_video.training.checkpoint_safety import verify_dist_checkpoint
 
     verify_dist_checkpoint(directory)  # nothing in it may run code: checked before megatron unpickles anything
-    state = build_sharded_state()
     common = dist_checkpointing.load_common_state_dict(str(directory))
+    if check_saved is not None:
+        check_saved(directory, common)
+    state = build_sharded_state()
     saved = common.get("common", {})
     if saved.get("has_rng_state") and saved.get("world_size") == dist.get_world_size():
         state["rng_state"] = _rng_sharded_object(rng_state())

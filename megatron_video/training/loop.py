@@ -148,7 +148,7 @@ def _extreme_ids_on_disk(root: str | None) -> list[int]:
 
 def resume(args: argparse.Namespace, parts: Any, data: Any, state: TrainState, log: Any) -> None:
     """Load `--load`: everything for an exact resume, or only the weights with --finetune / --no-load-optim."""
-    from megatron_video.training.checkpoint_state import load_optimizer_state
+    from megatron_video.training.checkpoint_state import check_optimizer_kind, load_optimizer_state
     from megatron_video.training.components import materialize_optimizer_state
 
     weights_only = args.finetune or args.no_load_optim
@@ -157,7 +157,8 @@ def resume(args: argparse.Namespace, parts: Any, data: Any, state: TrainState, l
     def build() -> dict[str, Any]:
         return checkpoint_sharded_state(parts, loading=True, weights_only=weights_only)
 
-    iteration, loaded, common = load_checkpoint(args.load, build)
+    check = None if weights_only else check_optimizer_kind(parts.optimizer)
+    iteration, loaded, common = load_checkpoint(args.load, build, check_saved=check)
     parts.module.load_state_dict(loaded["model"], strict=True)
     if not weights_only:
         load_optimizer_state(parts.optimizer, loaded["optimizer"], model_sharded_state_dict(parts.module))

@@ -196,7 +196,7 @@ class ShardedEMA:
         self, model_sharded_state_dict: dict[str, Any], prefix: str = "ema."
     ) -> dict[str, Any]:
         """dist_checkpointing entries for the EMA this rank holds, keyed by parameter name: its range of each
-        parameter (none: an empty list) as ShardedTensors placed in the model's global tensor (checkpoint key
+        parameter (none: an empty dict) as ShardedTensors placed in the model's global tensor (checkpoint key
         `prefix` + the model entry's key; see `training/checkpoint_state.py`). No communication and no copy, and
         they reshard over TP/PP/DP like the model weights. After `dist_checkpointing.load`, pass the loaded dict to
         `load_sharded_state_dict`. The update count is not included: keep `num_updates` in the common state."""
@@ -214,7 +214,7 @@ class ShardedEMA:
             if entry is None or not hasattr(entry, "global_offset"):
                 raise KeyError(f"the model's sharded state dict has no ShardedTensor for parameter {shard.name}")
             if shard.main is None:
-                out[shard.name] = []  # other DP ranks hold all of it
+                out[shard.name] = {}  # other DP ranks hold all of it
                 continue
             replica = replica_without_dp(entry.replica_id) if shard.group is not None else entry.replica_id
             out[shard.name] = range_shards(prefix + entry.key, self.ema[shard.name], shard.start, shard.end,

@@ -56,27 +56,30 @@ def flat_range_blocks(shape: tuple[int, ...], start: int, end: int) -> list[Bloc
 
 
 def range_shards(key: str, flat: torch.Tensor, start: int, end: int, entry: Any,
-                 replica_id: Any) -> list[Any]:
+                 replica_id: Any) -> dict[str, Any]:
     """ShardedTensors (key `key`) for elements [start, end) of the TP-local tensor described by the model's
-    ShardedTensor `entry`; `flat` holds exactly those elements. The data are views of `flat` (loaded in place)."""
+    ShardedTensor `entry`, by block number; `flat` holds exactly those elements. The data are views of `flat`
+    (loaded in place). A dict, not a list: dist_checkpointing merges the loaded values with rank 0's common
+    state, and lists of different lengths on different ranks do not merge."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
     if entry.prepend_axis_num:
         raise NotImplementedError(f"{entry.key}: prepended axes are not supported")
     if flat.numel() != end - start:
         raise ValueError(f"{key}: {flat.numel()} values for the range [{start}, {end})")
-    shards = []
-    for block in flat_range_blocks(tuple(entry.local_shape), start, end):
+    shards = {}
+    for number, block in enumerate(flat_range_blocks(tuple(entry.local_shape), start, end)):
         data = flat[block.start - start:block.end - start].view(block.shape)
         offset = tuple(g + o for g, o in zip(entry.global_offset, block.offset, strict=True))
-        shards.append(ShardedTensor(key, data, data.dtype, block.shape, tuple(entry.global_shape), offset,
-                                    None, replica_id))
+        shards[str(number)] = ShardedTensor(key, data, data.dtype, block.shape, tuple(entry.global_shape), offset,
+                                            None, replica_id)
     return shards
 
 
-def joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+def joined(pieces: dict[str, torch.Tensor]) -> torch.Tensor:
     """The flat range that `range_shards` split into blocks, from the loaded blocks."""
-    return torch.cat([p.reshape(-1) for p in pieces]) if len(pieces) > 1 else pieces[0].reshape(-1)
+    ordered = [pieces[str(i)].reshape(-1) for i in range(len(pieces))]
+    return torch.cat(ordered) if len(ordered) > 1 else ordered[0]
 
 
 def replica_without_dp(replica_id: Any) -> Any:
@@ -134,7 +137,7 @@ def optimizer_sharded_state(optimizer: Any, model_sharded_state_dict: dict[str, 
         leaf.load_state_dict(leaf.state_dict())
     state = leaf.state_dict()
     entries = _entries_by_param(model_sharded_state_dict)
-    param_state: dict[str, dict[str, list[Any]]] = {}
+    param_state: dict[str, dict[str, dict[str, Any]]] = {}
     for param, start, end in _owned_ranges(leaf):
         entry = entries.get(id(param))
         if entry is None:
@@ -175,3 +178,26 @@ def load_optimizer_state(optimizer: Any, loaded: dict[str, Any], model_sharded_s
         if "step" in live:
             source["step"] = live["step"]
         leaf._set_main_param_and_optimizer_states(param, source)
+
+
+def check_optimizer_kind(optimizer: Any) -> Any:
+    """A `load_checkpoint(check_saved=...)` that refuses, before loading, a checkpoint whose optimizer state was
+    saved by the other kind of optimizer (--use-distributed-optimizer switched): the two keep different
+    per-group state (megatron fails with KeyError 'pre_wd_mult' or unexpected keys)."""
+    from megatron_video.training.checkpointing import CheckpointError
+
+    distributed = is_distributed(_only_leaf(optimizer))
+
+    def check(directory: Any, common: dict[str, Any]) -> None:
+        saved = common.get("optimizer")
+        if not isinstance(saved, dict):
+            return
+        if ("param_state_sharding_type" in saved) != distributed:
+            saved_with, run_with = ("without", "with") if distributed else ("with", "without")
+            raise CheckpointError(
+                f"{directory} was saved {saved_with} --use-distributed-optimizer and this run is "
+                f"{run_with} it: the optimizer state cannot be carried over. Pass --no-load-optim to load "
+                "the weights and training progress and start the optimizer (and EMA) afresh, or switch "
+                "--use-distributed-optimizer back.")
+
+    return check

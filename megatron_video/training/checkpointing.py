@@ -14,6 +14,7 @@ layout loads at another. Before loading, every pickle in the checkpoint is check
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -30,6 +31,28 @@ _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or does not match the model."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save that failed; its partial directory has been removed, the previous checkpoint is untouched."""
+
+    def __init__(self, message: str, out_of_space: bool) -> None:
+        super().__init__(message)
+        self.out_of_space = out_of_space
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """ENOSPC anywhere in the exception chain (megatron's writer processes send it back as it was raised; torch's
+    zip writer turns a short write into "unexpected pos")."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(exc) or "unexpected pos" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -189,6 +212,9 @@ def save_checkpoint(
     """Save one iteration atomically. `sharded_state` maps top-level names (model, optimizer, ema, ...) to
     sharded state dicts; `common_state` holds plain values saved once (iteration, counters, sampler, ...)."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    from megatron_video.adaptor.checkpoint_writers import WritersDieWithParent
 
     root = Path(root)
     tmp = tmp_dir(root, iteration)
@@ -200,7 +226,16 @@ def save_checkpoint(
     state = dict(sharded_state)
     state["rng_state"] = _rng_sharded_object(rng_state())
     state["common"] = {**common_state, "has_rng_state": True}
-    dist_checkpointing.save(state, str(tmp))
+    try:
+        with WritersDieWithParent():  # a killed job leaves no writer process behind
+            dist_checkpointing.save(state, str(tmp))
+    except (Exception, CheckpointException) as exc:  # whatever failed, the partial directory must not stay behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = _out_of_space(exc)
+        message = (f"no space left on {root} while saving iteration {iteration}" if full
+                   else f"saving iteration {iteration} to {root} failed: {exc}")
+        raise CheckpointSaveError(message + "; the partial checkpoint was removed, the last complete one is kept",
+                                  full) from exc
     _barrier()
     if _is_rank0():
         publish_checkpoint(root, iteration, tmp, overwrite_newer)
@@ -229,8 +264,12 @@ def load_checkpoint(
     build_sharded_state: Callable[[], dict[str, Any]],
     iteration: int | None = None,
     strict: bool = True,
+    check_saved: Callable[[Path, dict[str, Any]], None] | None = None,
 ) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """Load `iteration` (default: the latest) into the tensors of `build_sharded_state()`.
+
+    `check_saved(directory, saved common state)`, if given, runs before anything else is loaded and raises a
+    `CheckpointError` for a checkpoint this run cannot take.
 
     Returns (iteration, loaded sharded state, common state). The caller applies the loaded values (megatron
     loads into new tensors for the optimizer and EMA; model ShardedTensors are loaded in place)."""
@@ -249,8 +288,10 @@ def load_checkpoint(
     from megatron_video.training.checkpoint_safety import verify_dist_checkpoint
 
     verify_dist_checkpoint(directory)  # nothing in it may run code: checked before megatron unpickles anything
-    state = build_sharded_state()
     common = dist_checkpointing.load_common_state_dict(str(directory))
+    if check_saved is not None:
+        check_saved(directory, common)
+    state = build_sharded_state()
     saved = common.get("common", {})
     if saved.get("has_rng_state") and saved.get("world_size") == dist.get_world_size():
         state["rng_state"] = _rng_sharded_object(rng_state())

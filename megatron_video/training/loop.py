@@ -29,6 +29,7 @@ from megatron_video.optim.clip import TooManyExtremeStepsError
 from megatron_video.optim.extreme_log import ExtremeStepLog, gather_sample_ids
 from megatron_video.training.checkpointing import (
     CheckpointError,
+    CheckpointSaveError,
     load_checkpoint,
     model_sharded_state_dict,
     save_checkpoint,
@@ -182,7 +183,7 @@ def _extreme_entries_on_disk(root: str | None) -> list[dict[str, Any]]:
 
 def resume(args: argparse.Namespace, parts: Any, data: Any, state: TrainState, log: Any) -> None:
     """Load `--load`: everything for an exact resume, or only the weights with --finetune / --no-load-optim."""
-    from megatron_video.training.checkpoint_state import load_optimizer_state
+    from megatron_video.training.checkpoint_state import check_optimizer_kind, load_optimizer_state
     from megatron_video.training.components import materialize_optimizer_state
 
     weights_only = args.finetune or args.no_load_optim
@@ -191,7 +192,8 @@ def resume(args: argparse.Namespace, parts: Any, data: Any, state: TrainState, l
     def build() -> dict[str, Any]:
         return checkpoint_sharded_state(parts, loading=True, weights_only=weights_only)
 
-    iteration, loaded, common = load_checkpoint(args.load, build)
+    check = None if weights_only else check_optimizer_kind(parts.optimizer)
+    iteration, loaded, common = load_checkpoint(args.load, build, check_saved=check)
     parts.module.load_state_dict(loaded["model"], strict=True)
     if not weights_only:
         load_optimizer_state(parts.optimizer, loaded["optimizer"], model_sharded_state_dict(parts.module))
@@ -295,8 +297,13 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         }
         started = time.monotonic()
         parts.sync_params()  # the weights the checkpoint reads, not the ones the next forward would gather
-        path = save_checkpoint(args.save, iteration, checkpoint_sharded_state(parts, loading=False), common,
-                               args.keep_last_checkpoints, args.overwrite_newer_checkpoints)
+        try:
+            path = save_checkpoint(args.save, iteration, checkpoint_sharded_state(parts, loading=False), common,
+                                   args.keep_last_checkpoints, args.overwrite_newer_checkpoints)
+        except CheckpointSaveError as exc:  # rank 0 says why (and any rank that ran out of space)
+            if dist.get_rank() == 0 or exc.out_of_space:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         if dist.get_rank() == 0:  # read by the next run's preflight, before it builds anything
             write_model_config(path, args.model_config)
         log.info("saved checkpoint %s in %.1f s", path, time.monotonic() - started)

@@ -6,7 +6,8 @@
 #   bench/gpu/check.sh --dry      the same on CPU at tiny sizes (DRY_RUN=1 is the same; CI runs this)
 # The machine's Python needs torch, transformers and tensorboard; anything else (megatron-core, ...) is installed
 # offline from the wheels in bench/gpu/wheels/ (WHEELS_DIR) when that folder holds any, e.g. prepared with
-#   pip download -d bench/gpu/wheels megatron-core==0.16.1 -r requirements.txt   (on a connected machine)
+#   pip download -d bench/gpu/wheels --no-deps megatron-core==0.16.1 einops safetensors av pyarrow psutil
+# on a connected machine with the GPU machine's Python version (the rest of requirements.txt it has).
 # CHECK_OUT sets the results folder, PYTHON the interpreter.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

@@ -10,12 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_video.inpaint.training import add_i2v_args
+from megatron_video.inpaint.training import add_i2v_args, check_i2v_args
 from megatron_video.training.preflight import preflight
 
 
 def main(argv: list[str]) -> int:
-    preflight(argv, add_i2v_args)  # one clear error (exit 2) before anything heavy; --help without megatron
+    preflight(argv, add_i2v_args, check_i2v_args)  # one clear error (exit 2) first; --help without megatron
     from megatron_video.configfile import from_mapping, read_mapping
     from megatron_video.data.config import DataConfig
     from megatron_video.inpaint.conditioning import i2v_inputs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from megatron_video.inpaint.conditioning import InpaintConditioner, condition_channels
@@ -19,6 +20,18 @@ def check_i2v_configs(inpaint: InpaintConfig, model_config: Any, data_config: An
     if inpaint.masked_latents == "encode" and getattr(data_config, "cache_path", None):
         raise ValueError("masked_latents 'encode' VAE-encodes the masked video, which the feature cache does not "
                          "hold: use online encoding (no cache_path) or masked_latents 'latent_mask'")
+
+
+def check_i2v_args(args: argparse.Namespace) -> None:
+    """The image-to-video checks of training/preflight.py: the T2V checkpoint directory, the inpainting config
+    and its fit with the model and data configs. Raises ValueError (ConfigError) naming the problem."""
+    from megatron_video.inpaint.config import load_inpaint_config
+
+    if args.init_from_t2v is not None and not Path(args.init_from_t2v).is_dir():
+        raise ValueError(f"--init-from-t2v: checkpoint directory not found: {args.init_from_t2v}")
+    inpaint = load_inpaint_config(args.inpaint_config)
+    if args.model_config is not None and args.data_config is not None:
+        check_i2v_configs(inpaint, args.model_config, args.data_config)
 
 
 def add_i2v_args(parser: argparse.ArgumentParser) -> None:

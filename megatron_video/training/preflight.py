@@ -70,13 +70,13 @@ def check_run(argv: Sequence[str], extra_args: Callable | None = None, rank: int
     from megatron_video.training.save_dir import SaveDirError
 
     args = parse_args(list(argv), extra_args=extra_args)
-    if training and (args.model_config is None or args.data_config is None or args.train_iters is None):
-        raise PreflightError("training needs --model-config, --data-config and --train-iters")
     if check is not None:
         try:
             check(args)
         except ValueError as exc:
             raise PreflightError(str(exc)) from exc
+    if training and (args.model_config is None or args.data_config is None or args.train_iters is None):
+        raise PreflightError("training needs --model-config, --data-config and --train-iters")
     try:
         if args.data_config is not None:
             check_metadata(args.data_config)

@@ -53,9 +53,10 @@ class Preemption:
     asks the loop to save and exit cleanly at the next step end; so does `--exit-duration-in-mins` (Megatron's
     meaning: minutes of wall time since the start)."""
 
-    def __init__(self, exit_duration_mins: float | None = None) -> None:
+    def __init__(self, exit_duration_mins: float | None = None, started: float | None = None) -> None:
         self.reason: str | None = None
-        self._deadline = None if exit_duration_mins is None else time.monotonic() + 60.0 * exit_duration_mins
+        started = time.monotonic() if started is None else started
+        self._deadline = None if exit_duration_mins is None else started + 60.0 * exit_duration_mins
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self._handle)
 
@@ -211,6 +212,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
     """`setup(args, components, encoder)`, if given, runs once before resuming (e.g. to initialise weights) and
     may return `condition(micro_batch, iteration, consumed_samples)`, applied to every encoded micro-batch
     once its "positions" are set (pretrain_i2v.py adds the inpainting masks and conditioning this way)."""
+    started = time.monotonic()  # --exit-duration-in-mins counts from here, as Megatron's from its pretrain()
     from megatron.core import parallel_state as mpu
 
     from megatron_video.arguments import parse_args
@@ -247,7 +249,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
     objective = build_objective(args.objective)
     state = TrainState()
     log = TrainLogger(args.train_iters, args.tensorboard_dir, args.log_interval)
-    preemption = Preemption(args.exit_duration_in_mins)
+    preemption = Preemption(args.exit_duration_in_mins, started)
 
     def save(iteration: int) -> None:
         common = {

@@ -212,7 +212,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
     """`setup(args, components, encoder)`, if given, runs once before resuming (e.g. to initialise weights) and
     may return `condition(micro_batch, iteration, consumed_samples)`, applied to every encoded micro-batch
     once its "positions" are set (pretrain_i2v.py adds the inpainting masks and conditioning this way)."""
-    started = time.monotonic()  # --exit-duration-in-mins counts from here, as Megatron's from its pretrain()
+    run_started = time.monotonic()  # --exit-duration-in-mins counts from here (Megatron: from its pretrain())
     from megatron.core import parallel_state as mpu
 
     from megatron_video.arguments import parse_args
@@ -249,7 +249,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
     objective = build_objective(args.objective)
     state = TrainState()
     log = TrainLogger(args.train_iters, args.tensorboard_dir, args.log_interval)
-    preemption = Preemption(args.exit_duration_in_mins, started)
+    preemption = Preemption(args.exit_duration_in_mins, run_started)
 
     def save(iteration: int) -> None:
         common = {

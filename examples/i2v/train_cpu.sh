@@ -27,4 +27,4 @@ exec "$PYTHON" -m torch.distributed.run --nproc-per-node 4 "$REPO/pretrain_i2v.p
     --model-config "$MODEL_CONFIG" --data-config "$DATA_CONFIG" --inpaint-config "$INPAINT_CONFIG" \
     --vae-path "$VAE_PATH" --t5-path "$T5_PATH" --clip-path "$CLIP_PATH" \
     --train-iters "${TRAIN_ITERS:-20}" --global-batch-size 4 --micro-batch-size 1 --lr 1e-3 \
-    --save "$SAVE_DIR" --save-interval "${SAVE_INTERVAL:-10}" "${EXTRA[@]}"
+    --save "$SAVE_DIR" --load "$SAVE_DIR" --save-interval "${SAVE_INTERVAL:-10}" "${EXTRA[@]}"

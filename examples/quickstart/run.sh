@@ -39,6 +39,7 @@ COMMON=(-m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${MAST
 TRAIN=("${COMMON[@]}" --save "$OUT/checkpoints" --save-interval "$HALF" --tensorboard-dir "$OUT/tensorboard")
 
 echo "== 3/6 train $HALF iterations (TP=$TP x DP=$((NPROC / TP)) on $NPROC CPU ranks)"
+rm -rf "$OUT/checkpoints"  # each quickstart trains from scratch (a run never publishes over newer checkpoints)
 OMP_NUM_THREADS=1 "$PYTHON" "${TRAIN[@]}" --train-iters "$HALF" 2>&1 | grep -E "^(iteration|saved|loaded)"
 
 echo "== 4/6 resume from $OUT/checkpoints and continue to iteration $ITERS"

@@ -47,12 +47,16 @@ def i2v_setup(inpaint: InpaintConfig) -> Callable[[argparse.Namespace, Any, Any]
     """The loop's `setup` hook: initialise from T2V if asked, and return the per-micro-batch conditioner."""
 
     def setup(args: argparse.Namespace, parts: Any, encoder: Any) -> InpaintConditioner:
+        from megatron_video.training.save_dir import resume_iteration
+
         check_i2v_configs(inpaint, parts.module.cfg, args.data_config)
         if inpaint.masked_latents == "encode":
             if encoder.vae is None:
                 raise ValueError("masked_latents 'encode' needs the WF-VAE: give --vae-path (and --vae-config)")
             encoder.keep_video = True
-        if args.init_from_t2v and not args.load:
+        # a --load that holds no checkpoint yet (--load = --save, the job's first run) resumes nothing
+        resuming = args.load is not None and resume_iteration(args.load) is not None
+        if args.init_from_t2v and not resuming:
             import torch.distributed as dist
 
             from megatron_video.inpaint.init_t2v import init_from_t2v

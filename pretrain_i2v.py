@@ -16,9 +16,9 @@ from megatron_video.training.preflight import preflight
 
 def main(argv: list[str]) -> int:
     setup_device_from_argv(argv)  # first: on Ascend, MindSpeed patches megatron when it is imported
-    from megatron_video.inpaint.training import add_i2v_args
+    from megatron_video.inpaint.training import add_i2v_args, check_i2v_args
 
-    preflight(argv, add_i2v_args)  # one clear error (exit 2) before anything heavy
+    preflight(argv, add_i2v_args, check_i2v_args)  # one clear error (exit 2) before anything heavy
     from megatron_video.configfile import from_mapping, read_mapping
     from megatron_video.data.config import DataConfig
     from megatron_video.inpaint.conditioning import i2v_inputs

@@ -62,7 +62,7 @@ def test_unknown_flag_says_did_you_mean(capsys, monkeypatch):
 
 
 def test_error_printed_once_by_rank0_without_traceback(tmp_path, capsys, monkeypatch):
-    argv = ["--load", str(tmp_path / "nowhere")]
+    argv = ["--load", str(tmp_path / "nowhere")]  # and no model / data config
     monkeypatch.setenv("RANK", "3")
     with pytest.raises(SystemExit) as info:
         preflight(argv)
@@ -72,7 +72,7 @@ def test_error_printed_once_by_rank0_without_traceback(tmp_path, capsys, monkeyp
         preflight(argv)
     out, err = capsys.readouterr()
     assert info.value.code == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith("error: --load ") and "no checkpoint there" in err
+    assert err == "error: training needs --model-config, --data-config and --train-iters\n"
     assert "Traceback" not in err
 
 
@@ -115,28 +115,29 @@ def test_run_without_load_refused_over_newer_checkpoint(tmp_path, monkeypatch):
     _fake_checkpoint(save, 3)
     with pytest.raises(PreflightError, match=r"holds a checkpoint of iteration 3, newer than this run starts from "
                                              r"\(scratch .*pass --load .*--overwrite-newer-checkpoints"):
-        check_run(["--save", str(save)], rank=1)
-    check_run(["--save", str(save), "--load", str(save)], rank=1)  # resuming is fine
-    check_run(["--save", str(save), "--overwrite-newer-checkpoints"], rank=1)
+        check_run(["--save", str(save)], rank=1, training=False)
+    check_run(["--save", str(save), "--load", str(save)], rank=1, training=False)  # resuming is fine
+    check_run(["--save", str(save), "--overwrite-newer-checkpoints"], rank=1, training=False)
     # a tracker moved back by an earlier run does not hide the newer directory
     _fake_checkpoint(save, 6, track=False)
     with pytest.raises(PreflightError, match="iteration 6, newer than this run starts from .iteration 3 of --load"):
-        check_run(["--save", str(save), "--load", str(save)], rank=1)
+        check_run(["--save", str(save), "--load", str(save)], rank=1, training=False)
 
 
 def test_load_equal_to_save_may_be_empty_other_load_may_not(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     save = tmp_path / "ckpt"
-    check_run(["--save", str(save), "--load", str(save)], rank=1)  # absent: a job's first run
+    check_run(["--save", str(save), "--load", str(save)], rank=1, training=False)  # absent: a job's first run
     save.mkdir()
-    check_run(["--save", str(save), "--load", str(save)], rank=1)  # empty (the launch script made it)
+    check_run(["--save", str(save), "--load", str(save)], rank=1, training=False)  # empty (the launch script made it)
+    with pytest.raises(PreflightError, match=r"--load .*other: no checkpoint there .*leave out --load or make it "
+                                             r"the same directory as --save"):
+        check_run(["--save", str(save), "--load", str(tmp_path / "other")], rank=1, training=False)
     with pytest.raises(PreflightError, match="no checkpoint there"):
-        check_run(["--save", str(save), "--load", str(tmp_path / "other")], rank=1)
-    with pytest.raises(PreflightError, match="no checkpoint there"):
-        check_run(["--save", str(save), "--load", str(save), "--finetune"], rank=1)
+        check_run(["--save", str(save), "--load", str(save), "--finetune"], rank=1, training=False)
     _fake_checkpoint(tmp_path / "orphans", 2, track=False)
     with pytest.raises(PreflightError, match=r"holds checkpoints \[2\] but no latest_checkpointed_iteration.txt"):
-        check_run(["--load", str(tmp_path / "orphans")], rank=1)
+        check_run(["--load", str(tmp_path / "orphans")], rank=1, training=False)
 
 
 def test_saved_model_config_must_match(tmp_path, monkeypatch):
@@ -147,10 +148,11 @@ def test_saved_model_config_must_match(tmp_path, monkeypatch):
     load = tmp_path / "ckpt"
     _fake_checkpoint(load, 4)
     write_model_config(load / "iter_0000004", PRESETS["small"])
-    check_run(["--load", str(load), "--model-config", str(_model_yaml(tmp_path))], rank=1)
+    check_run(["--load", str(load), "--model-config", str(_model_yaml(tmp_path))], rank=1, training=False)
     with pytest.raises(PreflightError, match=r"another model config than --model-config: head_dim: checkpoint 16, "
                                              r"--model-config 32"):
-        check_run(["--load", str(load), "--model-config", str(_model_yaml(tmp_path, head_dim=32))], rank=1)
+        check_run(["--load", str(load), "--model-config", str(_model_yaml(tmp_path, head_dim=32))], rank=1,
+                  training=False)
 
 
 def test_publisher_never_moves_the_tracker_back(tmp_path):
@@ -274,3 +276,17 @@ def test_sigusr1_and_exit_duration_ask_to_save_and_exit(tp1):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_image_to_video_checks_run_in_the_preflight(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    from megatron_video.inpaint.training import check_i2v_args
+
+    argv = ["--inpaint-config", str(REPO / "examples" / "i2v" / "inpaint.yaml"), "--init-from-t2v",
+            str(tmp_path / "t2v")]
+    with pytest.raises(PreflightError, match="--init-from-t2v: checkpoint directory not found"):
+        check_run(argv, add_i2v_args, rank=1, check=check_i2v_args, training=False)
+    (tmp_path / "bad.yaml").write_text("no_such_key: 1\n")
+    with pytest.raises(PreflightError, match="unknown key"):
+        check_run(["--inpaint-config", str(tmp_path / "bad.yaml")], add_i2v_args, rank=1, check=check_i2v_args,
+                  training=False)

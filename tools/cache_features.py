@@ -30,6 +30,8 @@ import torch  # noqa: E402
 from megatron_video.data.cache_builder import build_cache, merge_index, stub_encoders  # noqa: E402
 from megatron_video.data.config import DataConfig  # noqa: E402
 from megatron_video.data.dataset import VideoDataset  # noqa: E402
+from megatron_video.tool_errors import run_tool  # noqa: E402
+from megatron_video.training.preflight import check_metadata  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = load_data_config(a.data_config)
+    check_metadata(config)  # a missing metadata file is named before any encoder loads
     if a.encoders == "stub":
         a.latent_kind = "mean"
     elif a.latent_kind is None:
@@ -114,4 +117,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_video.data.convert import json_to_parquet, parquet_to_json  # noqa: E402
 from megatron_video.data.metadata import MetadataError  # noqa: E402
+from megatron_video.tool_errors import run_tool  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,4 +44,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -22,6 +22,10 @@ import numpy as np  # noqa: E402
 
 from megatron_video.progress import progress  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_video.tool_errors import run_tool  # noqa: E402
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 70), "blue": (50, 80, 230), "yellow": (240, 220, 40),
            "white": (245, 245, 245), "orange": (250, 140, 20), "purple": (150, 60, 200)}
 BACKGROUNDS = {"black": (10, 10, 10), "dark grey": (60, 60, 60), "navy": (15, 25, 80), "olive": (90, 100, 30)}
@@ -130,4 +134,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -28,4 +28,4 @@ exec "$PYTHON" -m torch.distributed.run --nproc-per-node 4 "$REPO/pretrain_i2v.p
     --vae-path "$VAE_PATH" --t5-path "$T5_PATH" --clip-path "$CLIP_PATH" \
     --train-iters "${TRAIN_ITERS:-20}" --global-batch-size 4 --micro-batch-size 1 --lr 1e-3 \
     --lr-decay-style constant --weight-decay 1e-4 --adam-eps 1e-15 --log-interval 1 \
-    --save "$SAVE_DIR" --save-interval "${SAVE_INTERVAL:-10}" "${EXTRA[@]}"
+    --save "$SAVE_DIR" --load "$SAVE_DIR" --save-interval "${SAVE_INTERVAL:-10}" "${EXTRA[@]}"

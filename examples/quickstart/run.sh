@@ -60,6 +60,7 @@ TRAIN=("${COMMON[@]}" --save "$OUT/checkpoints" --save-interval "$HALF" --tensor
 LOGGED="^ *(\[|iteration|saved|loaded)"  # the training log lines (the rest is in $OUT/logs/)
 
 echo "== 3/6 train $HALF iterations (TP=$TP x DP=$((NPROC / TP)) on $NPROC CPU ranks)"
+rm -rf "$OUT/checkpoints"  # each quickstart trains from scratch (a run never publishes over newer checkpoints)
 export OMP_NUM_THREADS=1
 step train "$LOGGED" "$PYTHON" "${TRAIN[@]}" --train-iters "$HALF"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from megatron_video.inpaint.conditioning import InpaintConditioner, condition_channels
@@ -21,6 +22,18 @@ def check_i2v_configs(inpaint: InpaintConfig, model_config: Any, data_config: An
                          "hold: use online encoding (no cache_path) or masked_latents 'latent_mask'")
 
 
+def check_i2v_args(args: argparse.Namespace) -> None:
+    """The image-to-video checks of training/preflight.py: the T2V checkpoint directory, the inpainting config
+    and its fit with the model and data configs. Raises ValueError (ConfigError) naming the problem."""
+    from megatron_video.inpaint.config import load_inpaint_config
+
+    if args.init_from_t2v is not None and not Path(args.init_from_t2v).is_dir():
+        raise ValueError(f"--init-from-t2v: checkpoint directory not found: {args.init_from_t2v}")
+    inpaint = load_inpaint_config(args.inpaint_config)
+    if args.model_config is not None and args.data_config is not None:
+        check_i2v_configs(inpaint, args.model_config, args.data_config)
+
+
 def add_i2v_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("image-to-video / inpainting")
     g.add_argument("--inpaint-config", type=str, required=True,
@@ -34,12 +47,16 @@ def i2v_setup(inpaint: InpaintConfig) -> Callable[[argparse.Namespace, Any, Any]
     """The loop's `setup` hook: initialise from T2V if asked, and return the per-micro-batch conditioner."""
 
     def setup(args: argparse.Namespace, parts: Any, encoder: Any) -> InpaintConditioner:
+        from megatron_video.training.save_dir import resume_iteration
+
         check_i2v_configs(inpaint, parts.module.cfg, args.data_config)
         if inpaint.masked_latents == "encode":
             if encoder.vae is None:
                 raise ValueError("masked_latents 'encode' needs the WF-VAE: give --vae-path (and --vae-config)")
             encoder.keep_video = True
-        if args.init_from_t2v and not args.load:
+        # a --load that holds no checkpoint yet (--load = --save, the job's first run) resumes nothing
+        resuming = args.load is not None and resume_iteration(args.load) is not None
+        if args.init_from_t2v and not resuming:
             import torch.distributed as dist
 
             from megatron_video.inpaint.init_t2v import init_from_t2v

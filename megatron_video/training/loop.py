@@ -61,9 +61,10 @@ class Preemption:
     asks the loop to save and exit cleanly at the next step end; so does `--exit-duration-in-mins` (Megatron's
     meaning: minutes of wall time since the start)."""
 
-    def __init__(self, exit_duration_mins: float | None = None) -> None:
+    def __init__(self, exit_duration_mins: float | None = None, started: float | None = None) -> None:
         self.reason: str | None = None
-        self._deadline = None if exit_duration_mins is None else time.monotonic() + 60.0 * exit_duration_mins
+        started = time.monotonic() if started is None else started
+        self._deadline = None if exit_duration_mins is None else started + 60.0 * exit_duration_mins
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self._handle)
 
@@ -245,6 +246,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
     from megatron_video.adaptor.startup import setup_device_from_argv
 
     setup_device_from_argv(argv)  # before megatron is imported (MindSpeed patches it on import); idempotent
+    run_started = time.monotonic()  # --exit-duration-in-mins counts from here (Megatron: from its pretrain())
     from megatron.core import parallel_state as mpu
 
     from megatron_video.arguments import parse_args
@@ -285,7 +287,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
     objective = build_objective(args.objective)
     state = TrainState()
     log = TrainLogger(args.train_iters, args.tensorboard_dir, args.log_interval, args.global_batch_size, args)
-    preemption = Preemption(args.exit_duration_in_mins)
+    preemption = Preemption(args.exit_duration_in_mins, run_started)
 
     def save(iteration: int) -> None:
         common = {

@@ -42,8 +42,10 @@ def _global_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def preflight(argv: Sequence[str], extra_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
-    """Validate the run described by `argv`; print one error and exit 2 when it must not start."""
+def preflight(argv: Sequence[str], extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+              check: Callable[[argparse.Namespace], None] | None = None) -> None:
+    """Validate the run described by `argv`; print one error and exit 2 when it must not start. `extra_args`
+    adds an entry point's flags, `check(args)` its own checks (raising ValueError)."""
     from megatron_video.arguments import ArgumentError
 
     rank = _global_rank()
@@ -51,7 +53,7 @@ def preflight(argv: Sequence[str], extra_args: Callable[[argparse.ArgumentParser
     with _quiet(rank != 0), warnings.catch_warnings(record=True) as held:
         warnings.simplefilter("default")
         try:  # argparse errors (exit 2) and --help (exit 0) leave through SystemExit
-            check_run(argv, extra_args, rank)
+            check_run(argv, extra_args, rank, check)
         except (ArgumentError, PreflightError) as exc:
             if rank == 0:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -60,12 +62,21 @@ def preflight(argv: Sequence[str], extra_args: Callable[[argparse.ArgumentParser
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
-def check_run(argv: Sequence[str], extra_args: Callable | None = None, rank: int = 0) -> argparse.Namespace:
-    """Every check; raises ArgumentError / PreflightError. Rank 0 also takes the lock on `--save`."""
+def check_run(argv: Sequence[str], extra_args: Callable | None = None, rank: int = 0,
+              check: Callable | None = None, training: bool = True) -> argparse.Namespace:
+    """Every check; raises ArgumentError / PreflightError. Rank 0 also takes the lock on `--save`.
+    `training=False` leaves out the flags only a training run needs (for checking parts of a command line)."""
     from megatron_video.arguments import parse_args
     from megatron_video.training.save_dir import SaveDirError
 
     args = parse_args(list(argv), extra_args=extra_args)
+    if check is not None:
+        try:
+            check(args)
+        except ValueError as exc:
+            raise PreflightError(str(exc)) from exc
+    if training and (args.model_config is None or args.data_config is None or args.train_iters is None):
+        raise PreflightError("training needs --model-config, --data-config and --train-iters")
     try:
         if args.data_config is not None:
             check_metadata(args.data_config)

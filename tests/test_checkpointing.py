@@ -95,13 +95,13 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path: Path):
     setup = make_training_setup(tmp_path / "setup")
     save = tmp_path / "ckpt"
     proc = start_training(2, train_args(setup, 500, "--save", str(save)), tmp_path / "job.log")
-    wait_for(tmp_path / "job.log", r"^iteration\s+3/", proc)
+    wait_for(tmp_path / "job.log", r"\] iteration\s+3/", proc)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if "pretrain_t2v.py" in " ".join(p.cmdline())]
     for worker in workers:  # what a scheduler's preemption does: SIGTERM to every training process
         worker.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=180) == 0
     log = (tmp_path / "job.log").read_text()
-    last = max(int(m) for m in re.findall(r"^iteration\s+(\d+)/", log, re.M))
+    last = max(int(m) for m in re.findall(r"\] iteration\s+(\d+)/", log))
     assert f"SIGTERM: saved at iteration {last}" in log
     assert latest_iteration(save) == last < 500

@@ -99,6 +99,14 @@ def main() -> None:
     print(f"stack step  (megatron DDP + dist. optimizer + clip + EMA)        : {stack * 1e3:8.1f} ms median")
     print(f"plain step  (torch AdamW + clip_grad_norm_):                         {plain * 1e3:8.1f} ms median")
     print(f"ratio stack / plain: {stack / plain:.3f}  (goal <= 1.15)")
+    from megatron_video.training.host_sync import HostSyncCounter
+
+    parts.model.zero_grad_buffer()
+    with HostSyncCounter() as syncs:  # the schedule's forward + backward: objective, loss and the model
+        forward_backward(forward_step_func=make_forward_step(objective, t2v_inputs, 0, 0), data_iterator=iter([batch]),
+                         model=[parts.model], num_microbatches=1, seq_length=1, micro_batch_size=opts.batch,
+                         forward_only=False)
+    print(f"host syncs in one forward + backward (model, objective, schedule): {syncs.total} {dict(syncs.counts)}")
 
 
 if __name__ == "__main__":

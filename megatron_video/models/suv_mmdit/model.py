@@ -425,9 +425,13 @@ class SUVMMDiT(nn.Module):
         text_len = encoder_hidden_states.shape[-2]
         if encoder_attention_mask.numel() != b * text_len:
             raise ValueError(f"encoder_attention_mask must hold B x L = {b} x {text_len} entries")
-        # checked on the device without waiting for it (a host read here would stall every forward)
-        torch._assert_async((encoder_attention_mask.reshape(b, text_len) > 0).any(dim=1).all(),
-                            "every sample needs at least one valid text token (its keys are never empty then)")
+        # checked on the device without waiting for it (a host read here would stall every forward); on CPU the
+        # assert runs at once, on an accelerator it fails the device stream
+        message = "every sample needs at least one valid text token (its keys are never empty then)"
+        try:
+            torch._assert_async((encoder_attention_mask.reshape(b, text_len) > 0).any(dim=1).all(), message)
+        except RuntimeError as exc:
+            raise ValueError(message) from exc
 
     def embed(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
               pooled_projections: Tensor) -> tuple[Tensor, Tensor, Tensor]:

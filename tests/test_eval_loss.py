@@ -57,14 +57,32 @@ def _global_batches(cfg) -> list[list[dict]]:
     return out
 
 
+def model_at_layout(cfg, weights: dict, tp: int, cp: int, pp: int, sp: bool):
+    """This rank's part of the SUV model at TP x CP x PP (groups rebuilt), holding the released-name `weights`."""
+    from megatron.core import parallel_state as mpu
+
+    from megatron_video.models.suv_mmdit import SUVMMDiT
+    from megatron_video.models.suv_mmdit.config import megatron_config
+    from megatron_video.models.suv_mmdit.pipeline import stage_of
+    from megatron_video.models.suv_mmdit.state_dict_adapter import from_released, shard_released
+    from megatron_video.parallel import initialize_parallel
+
+    initialize_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
+    config = megatron_config(cfg, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                             context_parallel_size=cp, sequence_parallel=sp, params_dtype=torch.float32,
+                             pipeline_dtype=torch.float32, use_cpu_initialization=True)
+    model = SUVMMDiT(cfg, config, stage_of(cfg, pp, mpu.get_pipeline_model_parallel_rank()))
+    ours = from_released(shard_released(weights, tp, mpu.get_tensor_model_parallel_rank()), cfg)
+    model.load_state_dict({k: v for k, v in ours.items() if k in model.state_dict()}, strict=True)
+    return model
+
+
 def eval_worker(cfg, layouts) -> list[dict]:
     from megatron.core import parallel_state as mpu
 
     from megatron_video.evaluation import EvalBatch, evaluate_batches
     from megatron_video.models.suv_mmdit import SUVMMDiT
     from megatron_video.models.suv_mmdit.config import megatron_config
-    from megatron_video.models.suv_mmdit.pipeline import stage_of
-    from megatron_video.models.suv_mmdit.state_dict_adapter import from_released, shard_released
     from megatron_video.parallel import initialize_parallel, set_seed
     from megatron_video.training.loop import global_positions, t2v_inputs
     from tests.test_suv_tp import random_released_weights
@@ -74,14 +92,8 @@ def eval_worker(cfg, layouts) -> list[dict]:
     weights = random_released_weights(SUVMMDiT(cfg, megatron_config(cfg, use_cpu_initialization=True)))
     data = _global_batches(cfg)
     results = []
-    for tp, cp, pp, sp in layouts:
-        initialize_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
-        config = megatron_config(cfg, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 context_parallel_size=cp, sequence_parallel=sp, params_dtype=torch.float32,
-                                 pipeline_dtype=torch.float32, use_cpu_initialization=True)
-        model = SUVMMDiT(cfg, config, stage_of(cfg, pp, mpu.get_pipeline_model_parallel_rank()))
-        ours = from_released(shard_released(weights, tp, mpu.get_tensor_model_parallel_rank()), cfg)
-        model.load_state_dict({k: v for k, v in ours.items() if k in model.state_dict()}, strict=True)
+    for layout in layouts:
+        model = model_at_layout(cfg, weights, *layout)
         dp_rank, dp = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
         micro = 1 if dp > 1 else 2  # two micro-batch sizes across the layouts
         num_micro = GLOBAL_BATCH // (micro * dp)

@@ -29,3 +29,7 @@ def test_quickstart_script(tmp_path: Path):
     released = tmp_path / "qs" / "released"
     assert (released / "model_ema.safetensors").is_file() and (released / "model.safetensors").is_file()
     assert (released / "diffusers_ema" / "config.json").is_file()
+    # it ends with a video a person can open, decoded from the stand-in latent space it trained in
+    from megatron_video.sampling.video import read_mp4
+
+    assert read_mp4(tmp_path / "qs" / "videos" / "sample_0000.mp4").shape == (9, 32, 32, 3)

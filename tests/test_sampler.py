@@ -90,13 +90,10 @@ LAYOUTS = [(2, 1, 1, True), (1, 2, 2, False), (1, 1, 2, False)]
 
 
 def sample_worker(cfg, layouts) -> list[torch.Tensor]:
-    from megatron.core import parallel_state as mpu
-
     from megatron_video.models.suv_mmdit import SUVMMDiT
     from megatron_video.models.suv_mmdit.config import megatron_config
-    from megatron_video.models.suv_mmdit.pipeline import stage_of
-    from megatron_video.models.suv_mmdit.state_dict_adapter import from_released, shard_released
     from megatron_video.parallel import initialize_parallel, set_seed
+    from tests.test_eval_loss import model_at_layout
     from tests.test_suv_tp import random_released_weights
 
     initialize_parallel()
@@ -108,14 +105,8 @@ def sample_worker(cfg, layouts) -> list[torch.Tensor]:
     negative = TextBatch(torch.randn(1, 3, cfg.caption_channels, generator=g), torch.ones(1, 3, dtype=torch.bool),
                          torch.randn(1, cfg.pooled_projection_dim, generator=g))
     out = []
-    for tp, cp, pp, sp in layouts:
-        initialize_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp)
-        config = megatron_config(cfg, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 context_parallel_size=cp, sequence_parallel=sp, params_dtype=torch.float32,
-                                 pipeline_dtype=torch.float32, use_cpu_initialization=True)
-        model = SUVMMDiT(cfg, config, stage_of(cfg, pp, mpu.get_pipeline_model_parallel_rank()))
-        ours = from_released(shard_released(weights, tp, mpu.get_tensor_model_parallel_rank()), cfg)
-        model.load_state_dict({k: v for k, v in ours.items() if k in model.state_dict()}, strict=True)
+    for layout in layouts:
+        model = model_at_layout(cfg, weights, *layout)
         noise = initial_noise((cfg.in_channels, 2, 4, 4), [11, 12])
         out.append(sample(model, model, noise, text, SamplerConfig(num_steps=3, guidance_scale=4.0), negative))
     return out

@@ -5,7 +5,8 @@
 #   bash examples/quickstart/run.sh            # OUT=outputs/quickstart ITERS=16 NPROC=4 are the defaults
 #
 # The EMA (decay 0.9999) barely moves in 16 steps; it is exported for the format, the trained weights for the check.
-# The encoders are deterministic stand-ins (no weights can be downloaded here); on a cluster build the cache
+# The encoders are deterministic stand-ins (no weights can be downloaded here): a space-to-depth "VAE" (4x4 pixel
+# blocks -> 48 channels, exactly invertible, not learned) and a stub text encoder; on a cluster build the cache
 # with the real WF-VAE / T5 / CLIP (tools/cache_features.py --encoders osp ...).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -47,7 +48,9 @@ num_workers: 0
 YAML
 
 echo "== 2/6 feature cache (VAE latents + text embeddings) -> $OUT/cache"
-"$PYTHON" tools/cache_features.py --data-config "$OUT/data.yaml" --out "$OUT/cache" --encoders stub
+# video latents: the space-to-depth stand-in "VAE" (exactly invertible, so the end can decode a video from them)
+"$PYTHON" tools/cache_features.py --data-config "$OUT/data.yaml" --out "$OUT/cache" \
+    --encoders megatron_video.models.space_to_depth:quickstart_encoders
 echo "cache_path: $OUT/cache" >> "$OUT/data.yaml"
 
 COMMON=(-m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29517}" pretrain_t2v.py
@@ -79,7 +82,16 @@ step import "^import" "$PYTHON" -m checkpoints_convert import "$OUT/released/mod
     --model-config examples/quickstart/model.yaml
 step reload "$LOGGED" "$PYTHON" "${COMMON[@]}" --train-iters 1 --load "$OUT/reimported" --finetune
 
+echo "== then: sample a video from the trained weights, decoded from the latent space it trained in -> $OUT/videos"
+printf '%s\n' "A red circle moves left to right across a black background." > "$OUT/prompts.txt"
+OMP_NUM_THREADS=1 "$PYTHON" tools/sample.py --device cpu --model-config examples/quickstart/model.yaml \
+    --load "$OUT/checkpoints" --weights model --prompts "$OUT/prompts.txt" --encoders stub --stand-in-vae 4 \
+    --num-frames 9 --height 32 --width 32 --num-steps 10 --guidance-scale 2 --fps 8 --out "$OUT/videos" \
+    2>&1 | grep -E "^(wrote|error)"
+
 echo
+echo "video: $OUT/videos/sample_0000.mp4 (after a few steps of training it is mostly noise;"
+echo "       examples/quickstart/train_to_video.sh trains longer, with eval loss and samples in TensorBoard)"
 echo "checkpoints: $OUT/checkpoints"
 echo "released-format export: $OUT/released"
 echo "TensorBoard: tensorboard --logdir $OUT/tensorboard"

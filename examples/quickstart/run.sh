@@ -84,10 +84,9 @@ step reload "$LOGGED" "$PYTHON" "${COMMON[@]}" --train-iters 1 --load "$OUT/reim
 
 echo "== then: sample a video from the trained weights, decoded from the latent space it trained in -> $OUT/videos"
 printf '%s\n' "A red circle moves left to right across a black background." > "$OUT/prompts.txt"
-OMP_NUM_THREADS=1 "$PYTHON" tools/sample.py --device cpu --model-config examples/quickstart/model.yaml \
+step sample "^wrote" "$PYTHON" tools/sample.py --device cpu --model-config examples/quickstart/model.yaml \
     --load "$OUT/checkpoints" --weights model --prompts "$OUT/prompts.txt" --encoders stub --stand-in-vae 4 \
-    --num-frames 9 --height 32 --width 32 --num-steps 10 --guidance-scale 2 --fps 8 --out "$OUT/videos" \
-    2>&1 | grep -E "^(wrote|error)"
+    --num-frames 9 --height 32 --width 32 --num-steps 10 --guidance-scale 2 --fps 8 --out "$OUT/videos"
 
 echo
 echo "video: $OUT/videos/sample_0000.mp4 (after a few steps of training it is mostly noise;"

@@ -5,7 +5,8 @@ on CPU ranks with gloo.
     python bench/bench_sampler.py --preset small --latent 5,16,16 --steps 10
 
 Each layout runs in its own set of processes (1 rank; TP = 2 with sequence parallel; CP = 2; PP = 2). Weights are
-random; the time per step is the median over steps after a warm-up step, taken on rank 0.
+random; per step: the median wall time and the median CPU time of rank 0's process over the steps after a warm-up
+step (one torch thread per rank; CPU time is the figure that other load on the machine disturbs least).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ LAYOUTS = {"1 rank": (1, 1, 1, 1, False), "TP=2 (+SP)": (2, 2, 1, 1, True), "CP=
            "PP=2": (2, 1, 1, 2, False)}
 
 
-def step_worker(preset: str, latent: tuple[int, int, int], batch: int, steps: int, layout: tuple) -> list[float]:
+def step_worker(preset: str, latent: tuple[int, int, int], batch: int, steps: int, layout: tuple,
+                ) -> list[tuple[float, float]]:
     import torch
     from megatron.core import parallel_state as mpu
 
@@ -51,9 +53,9 @@ def step_worker(preset: str, latent: tuple[int, int, int], batch: int, steps: in
     times = []
     with torch.no_grad():
         for sigma in SamplerConfig(num_steps=steps + 1).sigmas((h, w))[:-1]:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             predict(model, model, {**inputs, "timestep": torch.full((rows,), sigma * 1000)})
-            times.append(time.perf_counter() - started)
+            times.append((time.perf_counter() - started, time.process_time() - cpu))
     return times[1:]
 
 
@@ -69,12 +71,13 @@ def main() -> None:
 
     latent = tuple(int(v) for v in args.latent.split(","))
     print(f"preset {args.preset}, latent {latent}, batch {args.batch} (x2 with guidance), fp32, gloo")
-    print(f"{'layout':12} {'ranks':>5} {'s/step':>8}")
+    print(f"{'layout':12} {'ranks':>5} {'s/step':>8} {'cpu s/step':>10}")
     for name in args.layouts.split(","):
         layout = LAYOUTS[name]
         times = run_distributed(step_worker, layout[0], args.preset, latent, args.batch, args.steps, layout,
-                                timeout=1200)[0]
-        print(f"{name:12} {layout[0]:5d} {statistics.median(times):8.3f}", flush=True)
+                                timeout=1200, threads_per_rank=1)[0]
+        wall, cpu = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+        print(f"{name:12} {layout[0]:5d} {wall:8.3f} {cpu:10.3f}", flush=True)
 
 
 if __name__ == "__main__":

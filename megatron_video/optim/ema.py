@@ -135,6 +135,10 @@ class ShardedEMA:
             torch._foreach_lerp_(self._ema_list, self._main_list, 1.0 - self.decay)
         self.num_updates += 1
 
+    def param_names(self) -> set[str]:
+        """Names of every parameter the EMA tracks (on any DP rank)."""
+        return {s.name for s in self._shards}
+
     def local_numel(self) -> int:
         return sum(t.numel() for t in self.ema.values())
 
@@ -196,7 +200,7 @@ class ShardedEMA:
         self, model_sharded_state_dict: dict[str, Any], prefix: str = "ema."
     ) -> dict[str, Any]:
         """dist_checkpointing entries for the EMA this rank holds, keyed by parameter name: its range of each
-        parameter (none: an empty dict) as ShardedTensors placed in the model's global tensor (checkpoint key
+        parameter it holds any of as ShardedTensors placed in the model's global tensor (checkpoint key
         `prefix` + the model entry's key; see `training/checkpoint_state.py`). No communication and no copy, and
         they reshard over TP/PP/DP like the model weights. After `dist_checkpointing.load`, pass the loaded dict to
         `load_sharded_state_dict`. The update count is not included: keep `num_updates` in the common state."""
@@ -214,8 +218,7 @@ class ShardedEMA:
             if entry is None or not hasattr(entry, "global_offset"):
                 raise KeyError(f"the model's sharded state dict has no ShardedTensor for parameter {shard.name}")
             if shard.main is None:
-                out[shard.name] = {}  # other DP ranks hold all of it
-                continue
+                continue  # other DP ranks hold all of it (no empty entry: rank 0's common state must fit all)
             replica = replica_without_dp(entry.replica_id) if shard.group is not None else entry.replica_id
             out[shard.name] = range_shards(prefix + entry.key, self.ema[shard.name], shard.start, shard.end,
                                            entry, replica)

@@ -231,8 +231,9 @@ def checkpoint_sharded_state(parts: Any, loading: bool, weights_only: bool = Fal
         ema = parts.ema.sharded_state_dict(plain, prefix="ema.")
         # frozen parameters (no optimizer state, never updated) are their own EMA: store them too, so the EMA
         # weights are a complete state dict for export
+        tracked = parts.ema.param_names()
         for name, entry in plain.items():
-            if name not in ema:
+            if name not in tracked:
                 ema[name] = dataclasses.replace(entry, key="ema." + name)
         out["ema"] = ema
     return out

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # five launches (self-check, four training runs): ~2 min of CPU, longer on a busy host
 def test_device_check_dry_run(tmp_path: Path):
     env = dict(os.environ, DRY_RUN="1", CHECK_OUT=str(tmp_path / "out"), WHEELS_DIR=str(tmp_path / "no_wheels"),
                OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

@@ -34,12 +34,12 @@ def add_sample_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--released", type=str, default=None,
                    help="released-format weights (.safetensors, .pt or a diffusers folder) instead of --load")
     g.add_argument("--weights", choices=("model", "ema"), default="ema", help="which weights of a --load checkpoint")
-    g.add_argument("--num-frames", type=int, default=121)
-    g.add_argument("--height", type=int, default=288)
-    g.add_argument("--width", type=int, default=512)
-    g.add_argument("--fps", type=float, default=24.0)
-    g.add_argument("--num-steps", type=int, default=50)
-    g.add_argument("--guidance-scale", type=float, default=7.5)
+    g.add_argument("--num-frames", type=int, default=121, help="frames of each video: 1 + a multiple of the VAE's temporal factor")
+    g.add_argument("--height", type=int, default=288, help="video height in pixels")
+    g.add_argument("--width", type=int, default=512, help="video width in pixels")
+    g.add_argument("--fps", type=float, default=24.0, help="frame rate written into the MP4 files")
+    g.add_argument("--num-steps", type=int, default=50, help="rectified-flow Euler steps")
+    g.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (0: none)")
     g.add_argument("--encoders", choices=("osp", "stub"), default="osp",
                    help="text encoders: T5 + CLIP from --t5-path/--clip-path, or the deterministic stand-in")
     g.add_argument("--stand-in-vae", type=int, default=None, metavar="FACTOR",

@@ -29,8 +29,9 @@ def add_training_sample_args(group: Any) -> None:
     group.add_argument("--sample-prompts", type=str, default=None, help="text file, one prompt per line")
     group.add_argument("--sample-shape", type=str, default=None, metavar="T,H,W",
                        help="frames, height, width (default: the data config's shape)")
-    group.add_argument("--sample-num-steps", type=int, default=50)
-    group.add_argument("--sample-guidance-scale", type=float, default=7.5)
+    group.add_argument("--sample-num-steps", type=int, default=50, help="Euler steps per training-time sample")
+    group.add_argument("--sample-guidance-scale", type=float, default=7.5,
+                       help="classifier-free guidance scale of the training-time samples (0: no guidance)")
     group.add_argument("--sample-encoders", choices=("osp", "stub"), default="osp",
                        help="text encoders for the prompts: T5 + CLIP (--t5-path/--clip-path) or the stand-in")
     group.add_argument("--sample-stand-in-vae", type=int, default=None, metavar="FACTOR",

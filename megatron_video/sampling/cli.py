@@ -34,7 +34,8 @@ def add_sample_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--released", type=str, default=None,
                    help="released-format weights (.safetensors, .pt or a diffusers folder) instead of --load")
     g.add_argument("--weights", choices=("model", "ema"), default="ema", help="which weights of a --load checkpoint")
-    g.add_argument("--num-frames", type=int, default=121, help="frames of each video: 1 + a multiple of the VAE's temporal factor")
+    g.add_argument("--num-frames", type=int, default=121,
+                   help="frames of each video: 1 + a multiple of the VAE's temporal factor")
     g.add_argument("--height", type=int, default=288, help="video height in pixels")
     g.add_argument("--width", type=int, default=512, help="video width in pixels")
     g.add_argument("--fps", type=float, default=24.0, help="frame rate written into the MP4 files")

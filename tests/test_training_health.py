@@ -30,6 +30,7 @@ from tests.training_fixtures import TrainingSetup
 
 pytestmark = pytest.mark.slow
 GBS = 4
+RUN_TIMEOUT = 900  # seconds per training run: ~15 on a quiet machine, far more on a loaded CI host
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,11 @@ def poisoned(setup: TrainingSetup, root: Path, sample_ids: list[int]) -> Trainin
     return TrainingSetup(root, setup.model_config, root / "data.yaml")
 
 
+def train(data: TrainingSetup, iters: int, *extra: str) -> tuple[int, str]:
+    """One rank under torchrun; (exit code, log)."""
+    return fx.run_training(1, fx.train_args(data, iters, *extra), timeout=RUN_TIMEOUT)
+
+
 def extreme_entries(save: Path) -> list[dict]:
     return [json.loads(line) for line in (save / "extreme_batches.jsonl").read_text().splitlines()]
 
@@ -73,7 +79,7 @@ def test_resume_after_an_extreme_step_is_exact(setup: TrainingSetup, tmp_path: P
     data = poisoned(setup, tmp_path / "data", [bad])
     common = ("--clip-grad-ema-decay", "0.99")
     full = tmp_path / "full"
-    code, log = fx.run_training(1, fx.train_args(data, 12, *common, "--save", str(full), "--save-interval", "4"))
+    code, log = train(data, 12, *common, "--save", str(full), "--save-interval", "4")
     assert code == 0, log[-3000:]
     uninterrupted = fx.losses(log)
     entries = extreme_entries(full)
@@ -83,8 +89,8 @@ def test_resume_after_an_extreme_step_is_exact(setup: TrainingSetup, tmp_path: P
     assert "skipped_batches 2.0000" in log
 
     (full / "latest_checkpointed_iteration.txt").write_text("4\n")  # resume from iteration 4
-    code, log = fx.run_training(1, fx.train_args(data, 12, *common, "--save", str(tmp_path / "resumed"),
-                                                 "--load", str(full)))
+    code, log = train(data, 12, *common, "--save", str(tmp_path / "resumed"),
+                                                 "--load", str(full))
     assert code == 0, log[-3000:]
     resumed = fx.losses(log)
     assert sorted(resumed) == list(range(5, 13))
@@ -104,8 +110,8 @@ def test_non_finite_streak_stops_and_keeps_the_last_finite_checkpoint(setup: Tra
     assert late, "need a sample of iteration 5 that epoch 0 left out"
     data = poisoned(setup, tmp_path / "data", [first[1][0], first[3][0], late[0]])
     save = tmp_path / "ckpt"
-    code, log = fx.run_training(1, fx.train_args(data, 6, "--save", str(save), "--save-interval", "1",
-                                           "--keep-last-checkpoints", "1", "--max-consecutive-extreme-steps", "2"))
+    code, log = train(data, 6, "--save", str(save), "--save-interval", "1",
+                                           "--keep-last-checkpoints", "1", "--max-consecutive-extreme-steps", "2")
     assert code != 0, log[-3000:]
     assert "iteration 2: non-finite loss or grad norm, checkpoint postponed" in log
     assert "stopping at iteration 5: 2 consecutive non-finite steps" in log

@@ -89,8 +89,7 @@ def test_resume_after_an_extreme_step_is_exact(setup: TrainingSetup, tmp_path: P
     assert "skipped_batches 2.0000" in log
 
     (full / "latest_checkpointed_iteration.txt").write_text("4\n")  # resume from iteration 4
-    code, log = train(data, 12, *common, "--save", str(tmp_path / "resumed"),
-                                                 "--load", str(full))
+    code, log = train(data, 12, *common, "--save", str(tmp_path / "resumed"), "--load", str(full))
     assert code == 0, log[-3000:]
     resumed = fx.losses(log)
     assert sorted(resumed) == list(range(5, 13))
@@ -110,8 +109,8 @@ def test_non_finite_streak_stops_and_keeps_the_last_finite_checkpoint(setup: Tra
     assert late, "need a sample of iteration 5 that epoch 0 left out"
     data = poisoned(setup, tmp_path / "data", [first[1][0], first[3][0], late[0]])
     save = tmp_path / "ckpt"
-    code, log = train(data, 6, "--save", str(save), "--save-interval", "1",
-                                           "--keep-last-checkpoints", "1", "--max-consecutive-extreme-steps", "2")
+    code, log = train(data, 6, "--save", str(save), "--save-interval", "1", "--keep-last-checkpoints", "1",
+                      "--max-consecutive-extreme-steps", "2")
     assert code != 0, log[-3000:]
     assert "iteration 2: non-finite loss or grad norm, checkpoint postponed" in log
     assert "stopping at iteration 5: 2 consecutive non-finite steps" in log

@@ -61,7 +61,7 @@ def test_save_killed_half_way_keeps_previous_checkpoint(tmp_path: Path):
         run_distributed(_save, 2, root, 2, 2.5, True, timeout=120)
     assert info.value.rank == 0 and "exit code 17" in str(info.value)
     assert latest_iteration(root) == 1
-    assert (tmp_path / "ckpt" / "iter_0000002.tmp").is_dir()
+    # the partial iter_0000002.tmp is removed by a rank that saw the save fail, or else by the next save
     assert not iteration_dir(root, 2).exists()
     for iteration, values in run_distributed(_load, 2, root):
         assert iteration == 1 and values == [1.5] * 6

@@ -142,7 +142,8 @@ def test_overlap_flags_follow_megatron() -> None:
     assert (args.overlap_grad_reduce, args.overlap_param_gather, args.ddp_bucket_size) == (False, False, None)
     for argv in (["--overlap-param-gather", "--overlap-grad-reduce"],
                  ["--overlap-param-gather", "--use-distributed-optimizer"],
-                 ["--overlap-grad-reduce", "--clip-grad-rank-discard"]):
+                 ["--overlap-grad-reduce", "--clip-grad-rank-discard"],
+                 ["--overlap-grad-reduce", "--save", "/tmp/x"]):
         with pytest.raises(ArgumentError):
             validate_args(parser.parse_args(argv), world_size=1)
     validate_args(parser.parse_args(["--use-distributed-optimizer", *OVERLAP]), world_size=1)

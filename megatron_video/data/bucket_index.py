@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from megatron_video.data.config import ShapeConfig, _to_dict
-from megatron_video.data.metadata import MetadataError, ShapeColumns, validate_columns
+from megatron_video.data.metadata import MetadataError, validate_columns
 from megatron_video.data.sampler import BucketMembers
 
 VERSION = 1
@@ -62,27 +62,16 @@ def planning_settings(cfg: ShapeConfig) -> dict[str, Any]:
     return _to_dict(cfg)
 
 
-def read_shape_columns(file: Any, groups: list[int], name: str, offset: int) -> ShapeColumns:
-    """The shape columns of some row groups of an open `pyarrow.parquet.ParquetFile` (validated)."""
-    from megatron_video.data.metadata_parquet import ParquetSource
-
-    source = ParquetSource.__new__(ParquetSource)  # reuse its column reader on a slice of row groups
-    source.name, source._file, source._names = name, file, set(file.schema_arrow.names)
-    cols = source.read_columns(groups, offset)
-    validate_columns(cols, name, offset)
-    return cols
-
-
 def _plan_groups(task: tuple[str, list[int], int, dict[str, Any]]) -> np.ndarray:
     """Worker: planned int64 keys of some row groups."""
-    import pyarrow.parquet as pq
-
     from megatron_video.data.config import DataConfig
+    from megatron_video.data.metadata_parquet import ParquetSource
     from megatron_video.data.shapes import plan_shapes
 
     path, groups, offset, shape = task
-    cfg = DataConfig.from_dict({"shape": shape}).shape
-    return plan_shapes(read_shape_columns(pq.ParquetFile(path), groups, path, offset), cfg).keys
+    cols = ParquetSource(path, "", load_columns=False).read_columns(groups, offset)
+    validate_columns(cols, path, offset)
+    return plan_shapes(cols, DataConfig.from_dict({"shape": shape}).shape).keys
 
 
 def _tasks(path: str, file: Any, rows: int, shape: dict[str, Any]) -> Iterator[tuple[str, list[int], int, dict]]:

@@ -31,7 +31,7 @@ from megatron_video.data.metadata import (
 class ParquetSource:
     """A Parquet metadata file: numeric columns read eagerly, strings one row group at a time (LRU)."""
 
-    def __init__(self, path: str, root: str, cache_row_groups: int = 4) -> None:
+    def __init__(self, path: str, root: str, cache_row_groups: int = 4, load_columns: bool = True) -> None:
         import pyarrow.parquet as pq
 
         self.name, self.root, self._path = path, root, path
@@ -48,7 +48,8 @@ class ParquetSource:
                                           for i in range(self._file.num_row_groups)])
         self._cache: OrderedDict[int, Any] = OrderedDict()
         self._cache_size = cache_row_groups
-        self.columns = self._columns()
+        if load_columns:  # False: only `read_columns` of some row groups (offline planning)
+            self.columns = self._columns()
 
     def __getstate__(self) -> dict[str, Any]:  # ParquetFile handles are reopened in worker processes
         state = dict(self.__dict__)

@@ -305,3 +305,34 @@ def test_an_epoch_with_nothing_to_train_is_an_error() -> None:
     t.load_state_dict({**t.state_dict(), "consumed_samples": 16})
     t.add_skip_ids(last)
     assert list(t) == [] and t.epoch == 1 and len(list(t)) > 0
+
+
+class _CountingMembers:
+    """Row ids grouped by bucket that count how many are read (a stand-in for the memory-mapped index)."""
+
+    def __init__(self, members: np.ndarray) -> None:
+        self.members, self.read = members, 0
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        self.read += np.asarray(idx).size
+        return self.members[idx]
+
+
+def test_order_is_computed_per_global_batch_without_per_sample_arrays() -> None:
+    """Issue 21 item 2: the first micro-batch of a resumed position reads one global batch's members, not the
+    data set; the order equals the in-memory one."""
+    from megatron_video.data.sampler import BucketMembers
+
+    keys = uneven_keys(3000, seed=4)
+    ref = BucketMembers.from_keys(keys)
+    counting = _CountingMembers(ref.members)
+    lazy = ShapeBatchSampler(BucketMembers(ref.bucket_keys, ref.bucket_sizes, counting, ref.num_rows, ref.digest),
+                             16, 2, 1, 2, seed=6)
+    eager = ShapeBatchSampler(keys, 16, 2, 1, 2, seed=6)
+    state = {**eager.state_dict(), "consumed_samples": 16 * 40}
+    lazy.load_state_dict(state)
+    eager.load_state_dict(state)
+    assert next(iter(lazy)) == next(iter(eager))
+    assert counting.read == 16  # one global batch
+    assert not any(isinstance(v, np.ndarray) and v.size >= len(keys) // 2 for k, v in vars(lazy).items()
+                   if k != "_members")

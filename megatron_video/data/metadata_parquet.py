@@ -31,7 +31,7 @@ from megatron_video.data.metadata import (
 class ParquetSource:
     """A Parquet metadata file: numeric columns read eagerly, strings one row group at a time (LRU)."""
 
-    def __init__(self, path: str, root: str, cache_row_groups: int = 4) -> None:
+    def __init__(self, path: str, root: str, cache_row_groups: int = 4, load_columns: bool = True) -> None:
         import pyarrow.parquet as pq
 
         self.name, self.root, self._path = path, root, path
@@ -48,7 +48,8 @@ class ParquetSource:
                                           for i in range(self._file.num_row_groups)])
         self._cache: OrderedDict[int, Any] = OrderedDict()
         self._cache_size = cache_row_groups
-        self.columns = self._columns()
+        if load_columns:  # False: only `read_columns` of some row groups (offline planning)
+            self.columns = self._columns()
 
     def __getstate__(self) -> dict[str, Any]:  # ParquetFile handles are reopened in worker processes
         state = dict(self.__dict__)
@@ -62,8 +63,17 @@ class ParquetSource:
         self._file = pq.ParquetFile(self._path)
 
     def _columns(self) -> ShapeColumns:
-        """Numeric columns streamed in batches into preallocated arrays (peak ~ final arrays + 1 batch)."""
-        n = self._file.metadata.num_rows
+        cols = self.read_columns()
+        validate_columns(cols, self.name)
+        self._check_required_strings()
+        return cols
+
+    def read_columns(self, row_groups: list[int] | None = None, first_row: int = 0) -> ShapeColumns:
+        """Numeric columns of `row_groups` (default all) streamed in batches into preallocated arrays (peak ~
+        final arrays + 1 batch); not validated. `first_row`: the file row of the first one (for messages)."""
+        md = self._file.metadata
+        row_groups = list(range(md.num_row_groups)) if row_groups is None else row_groups
+        n = sum(md.row_group(rg).num_rows for rg in row_groups)
         names = ("height", "width", "num_frames", "cut_start", "cut_end")
         ints = {k: np.full(n, -1, np.int32) for k in names}
         fps = np.zeros(n, np.float64)
@@ -73,13 +83,13 @@ class ParquetSource:
         if "is_image" not in self._names:
             wanted.append("path")  # derive the media type from the file extension
         lo = 0
-        for groups in self._row_group_chunks(1 << 20):
+        for groups in self._row_group_chunks(1 << 20, row_groups):
             batch = self._file.read_row_groups(groups, columns=wanted, use_threads=True)
             hi = lo + batch.num_rows
             for name in wanted:
                 arr = batch.column(name)
                 if name in ("height", "width") and arr.null_count:
-                    row = lo + int(np.flatnonzero(np.asarray(arr.is_null()))[0])
+                    row = first_row + lo + int(np.flatnonzero(np.asarray(arr.is_null()))[0])
                     raise MetadataError(f"{self.name}: row {row}: missing field '{name}'")
                 if name == "path":
                     is_image[lo:hi] = [is_image_path(p or "") for p in arr.to_pylist()]
@@ -93,11 +103,8 @@ class ParquetSource:
                     ints[name][lo:hi] = arr.fill_null(-1).to_numpy()
             lo = hi
         ints["num_frames"][is_image] = 1
-        cols = ShapeColumns(is_image, ints["height"], ints["width"], ints["num_frames"], fps,
+        return ShapeColumns(is_image, ints["height"], ints["width"], ints["num_frames"], fps,
                             ints["cut_start"], ints["cut_end"], crop)
-        validate_columns(cols, self.name)
-        self._check_required_strings()
-        return cols
 
     def _check_required_strings(self) -> None:
         """Null path/cap entries are found from the row-group statistics (no string data read at start-up);
@@ -116,11 +123,11 @@ class ParquetSource:
                     row = int(self._rg_starts[rg]) + int(np.flatnonzero(np.asarray(column.is_null()))[0])
                     raise MetadataError(f"{self.name}: row {row}: missing field '{name}'")
 
-    def _row_group_chunks(self, rows: int) -> list[list[int]]:
+    def _row_group_chunks(self, rows: int, row_groups: list[int]) -> list[list[int]]:
         """Consecutive row groups in chunks of about `rows` rows (bounded memory, few large reads)."""
         chunks: list[list[int]] = [[]]
         count = 0
-        for rg in range(self._file.num_row_groups):
+        for rg in row_groups:
             if count >= rows:
                 chunks.append([])
                 count = 0

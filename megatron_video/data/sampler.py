@@ -1,10 +1,12 @@
 """Shape-safe, seeded, resumable distributed batch sampler.
 
 Every global batch is drawn from one shape bucket, so all data-parallel ranks (and all micro-batches of the
-step) see one T x H x W. The epoch order is a pure function of (keys, seed, epoch, batch settings): each rank
-computes the same global order and takes its slice, and model-parallel peers (TP/CP/PP ranks of one replica)
-pass the same dp rank and get identical samples. The position is counted in global consumed samples, so
-resume continues at the exact next sample, also with a different data-parallel size.
+step) see one T x H x W. The epoch order is a pure function of (keys, seed, epoch, batch settings), computed
+on demand per global batch from keyed Feistel permutations (of the epoch's batches, and of each bucket's
+members), so no per-sample array is built per epoch. Each rank computes the same global batch and takes its
+slice, and model-parallel peers (TP/CP/PP ranks of one replica) pass the same dp rank and get identical
+samples. The position is counted in global consumed samples, so resume continues at the exact next sample,
+also with a different data-parallel size.
 """
 
 from __future__ import annotations
@@ -12,15 +14,47 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from megatron_video.data.permutation import FeistelPermutation, derive_key
 from megatron_video.data.shapes import decode_key
 
 logger = logging.getLogger(__name__)
 
-_RAND_BITS = 40  # random sort key bits; the bucket id sits above them
+
+@dataclass
+class BucketMembers:
+    """Which rows form each shape bucket: `members[bucket_starts[b]:bucket_starts[b] + bucket_sizes[b]]` are
+    the row ids of bucket b (ascending keys). `members` may be a memory map (see `bucket_index`), so ranks on
+    a node share one copy in the page cache; `digest` identifies the planned keys for resume checks."""
+
+    bucket_keys: np.ndarray  # int64, sorted
+    bucket_sizes: np.ndarray  # int64
+    members: np.ndarray  # integer row ids, grouped by bucket
+    num_rows: int
+    digest: str
+
+    @property
+    def bucket_starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.bucket_sizes)[:-1]]).astype(np.int64)
+
+    @classmethod
+    def from_keys(cls, keys: np.ndarray) -> BucketMembers:
+        keys = np.asarray(keys)
+        if keys.ndim != 1 or not np.issubdtype(keys.dtype, np.integer):
+            raise ValueError("keys must be a 1-D integer array of shape keys (-1 = excluded)")
+        digest = hashlib.blake2b(np.ascontiguousarray(keys, np.int64), digest_size=16).hexdigest()
+        valid = np.flatnonzero(keys >= 0)
+        uniq, inverse = _bucket_ids(keys[valid])
+        counts = np.bincount(inverse, minlength=len(uniq)).astype(np.int64)
+        # group row ids by bucket once (a stable radix sort for small integer bucket ids)
+        members = valid[np.argsort(inverse, kind="stable")]
+        if len(keys) < 2**31:
+            members = members.astype(np.int32)
+        return cls(uniq, counts, members, len(keys), digest)
 
 
 class EmptyEpochError(RuntimeError):
@@ -31,7 +65,8 @@ class ShapeBatchSampler:
     """Yields, per micro-batch, the list of sample indices of this data-parallel rank.
 
     Args:
-        keys: int64 shape key per sample (`shapes.encode_key`), -1 for samples excluded from training.
+        keys: int64 shape key per sample (`shapes.encode_key`), -1 for samples excluded from training; or
+            the bucket membership itself (`BucketMembers`, e.g. memory-mapped from a planned bucket index).
         global_batch_size: samples per optimizer step over all DP ranks.
         micro_batch_size: samples per rank per forward pass.
         dp_rank, dp_size: this replica's data-parallel coordinates.
@@ -43,12 +78,9 @@ class ShapeBatchSampler:
             positions stay aligned); skipped batches still count as consumed.
     """
 
-    def __init__(self, keys: np.ndarray, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0, min_bucket_batches: int = 1, drop_last: bool = True,
+    def __init__(self, keys: np.ndarray | BucketMembers, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, min_bucket_batches: int = 1, drop_last: bool = True,
                  skip_ids: Iterable[int] | None = None) -> None:
-        keys = np.asarray(keys)
-        if keys.ndim != 1 or not np.issubdtype(keys.dtype, np.integer):
-            raise ValueError("keys must be a 1-D integer array of shape keys (-1 = excluded)")
         if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"invalid micro_batch_size={micro_batch_size} dp_rank={dp_rank} "
                              f"dp_size={dp_size}")
@@ -60,58 +92,64 @@ class ShapeBatchSampler:
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.min_bucket_batches, self.drop_last = min_bucket_batches, drop_last
-        self.num_samples = len(keys)
-        self._digest = hashlib.blake2b(np.ascontiguousarray(keys, np.int64), digest_size=16).hexdigest()
-
-        valid = np.flatnonzero(keys >= 0)
-        uniq, inverse = _bucket_ids(keys[valid])
-        counts = np.bincount(inverse, minlength=len(uniq))
-        keep = counts >= min_bucket_batches * global_batch_size
-        self._log_dropped(uniq[~keep], counts[~keep])
+        members = keys if isinstance(keys, BucketMembers) else BucketMembers.from_keys(keys)
+        self.num_samples, self._digest = members.num_rows, members.digest
+        keep = members.bucket_sizes >= min_bucket_batches * global_batch_size
+        self._log_dropped(members.bucket_keys[~keep], members.bucket_sizes[~keep])
         if not keep.any():
             raise ValueError(f"no shape bucket has >= {min_bucket_batches} global batch(es) of "
-                             f"{global_batch_size} samples; buckets: {self._describe(uniq, counts)}")
-        new_id = (np.cumsum(keep) - 1).astype(inverse.dtype)  # old bucket -> kept bucket id
-        sel = keep[inverse]
-        bucket = new_id[inverse[sel]]
-        # group sample ids by bucket once (a stable radix sort for small integer bucket ids)
-        self._ids = valid[sel][np.argsort(bucket, kind="stable")]
-        del valid, inverse, sel, bucket
-        self.bucket_keys, self.bucket_sizes = uniq[keep], counts[keep]
-        self._bucket_start = np.concatenate([[0], np.cumsum(self.bucket_sizes)[:-1]])
+                             f"{global_batch_size} samples; buckets: "
+                             f"{self._describe(members.bucket_keys, members.bucket_sizes)}")
+        self._members = members.members  # row ids grouped by bucket (in memory, or memory-mapped)
+        self.bucket_keys, self.bucket_sizes = members.bucket_keys[keep], members.bucket_sizes[keep]
+        self._bucket_start = members.bucket_starts[keep]
         g = global_batch_size
         per_bucket = self.bucket_sizes // g if drop_last else -(-self.bucket_sizes // g)
         self._bucket_batches = per_bucket
-        self.samples_per_epoch = int(per_bucket.sum()) * g
+        self._batch_start = np.concatenate([[0], np.cumsum(per_bucket)]).astype(np.int64)
+        self.num_batches = int(self._batch_start[-1])
+        self.samples_per_epoch = self.num_batches * g
         logger.info("sampler: %d samples in %d shape bucket(s), %d global batches of %d per epoch (%s %d "
-                    "samples per epoch to fill whole batches)", int(self.bucket_sizes.sum()), len(uniq[keep]),
-                    self.samples_per_epoch // g, g, "leaving out" if drop_last else "repeating",
+                    "samples per epoch to fill whole batches)", int(self.bucket_sizes.sum()), int(keep.sum()),
+                    self.num_batches, g, "leaving out" if drop_last else "repeating",
                     abs(int(self.bucket_sizes.sum()) - self.samples_per_epoch))
         self.skip_ids: set[int] = set(int(i) for i in skip_ids) if skip_ids else set()
         self._pending_skips: list[tuple[int, set[int]]] = []  # (first epoch, ids): see add_skip_ids
         self.epoch, self.consumed_samples = 0, 0
         self.skipped_batches = 0
-        self._cache: tuple[int, np.ndarray] | None = None
+        self._perms: tuple[int, FeistelPermutation, dict[int, FeistelPermutation]] | None = None
+        self._batch: tuple[int, int, np.ndarray] | None = None
 
     # ---------------------------------------------------------------- order
+    def _epoch_perms(self, epoch: int) -> tuple[FeistelPermutation, dict[int, FeistelPermutation]]:
+        if self._perms is None or self._perms[0] != epoch:
+            self._perms = (epoch, FeistelPermutation(self.num_batches, derive_key(self.seed, epoch, -1)), {})
+        return self._perms[1], self._perms[2]
+
+    def global_batch(self, epoch: int, b: int) -> np.ndarray:
+        """The sample ids of global batch `b` of `epoch`, computed on demand, identical on every rank.
+
+        Batch slot b maps through a keyed permutation of all the epoch's batches to (bucket, batch k of the
+        bucket); sample j = k * gbs + i of the bucket is member perm_bucket(j) of it (j wrapped past the bucket
+        size when drop_last=False completes the last batch with other members)."""
+        if self._batch is not None and self._batch[:2] == (epoch, b):
+            return self._batch[2]
+        batch_perm, bucket_perms = self._epoch_perms(epoch)
+        q = batch_perm.at(b)
+        bucket = int(np.searchsorted(self._batch_start, q, side="right")) - 1
+        size, key = int(self.bucket_sizes[bucket]), int(self.bucket_keys[bucket])
+        perm = bucket_perms.get(bucket)
+        if perm is None:
+            perm = bucket_perms[bucket] = FeistelPermutation(size, derive_key(self.seed, epoch, key))
+        j = (q - int(self._batch_start[bucket])) * self.global_batch_size + np.arange(self.global_batch_size)
+        j = np.where(j >= size, j - size, j)
+        ids = np.asarray(self._members[int(self._bucket_start[bucket]) + perm(j)], np.int64)
+        self._batch = (epoch, b, ids)  # the micro-batches of one global batch reuse it
+        return ids
+
     def epoch_batches(self, epoch: int) -> np.ndarray:
-        """(num_global_batches, global_batch_size) sample indices of `epoch`, identical on every rank."""
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
-        rng = np.random.default_rng([self.seed, epoch, 0x5A3D])
-        g = self.global_batch_size
-        rows = np.empty(self.samples_per_epoch, self._ids.dtype)
-        pos = 0
-        for start, size, nb in zip(self._bucket_start, self.bucket_sizes, self._bucket_batches):
-            seg = self._ids[start:start + size][rng.permutation(size)]  # shuffled within the bucket
-            take = int(nb) * g
-            rows[pos:pos + min(take, size)] = seg[:take]
-            if take > size:  # drop_last=False: complete the last batch with other bucket members
-                rows[pos + size:pos + take] = seg[:take - size]
-            pos += take
-        batches = rows.reshape(-1, g)[rng.permutation(len(rows) // g)]
-        self._cache = (epoch, batches)
-        return batches
+        """(num_global_batches, global_batch_size) sample ids of `epoch`, materialised (tests, small sets)."""
+        return np.stack([self.global_batch(epoch, b) for b in range(self.num_batches)])
 
     # ---------------------------------------------------------------- iteration
     @property
@@ -134,13 +172,12 @@ class ShapeBatchSampler:
         fresh = self.consumed_samples == 0
         if fresh:
             self._activate_pending_skips(epoch)
-        batches = self.epoch_batches(epoch)
         step = self.micro_batch_size * self.dp_size
         skip = np.fromiter(self.skip_ids, np.int64) if self.skip_ids else None
         yielded = False
         while self.consumed_samples < self.samples_per_epoch:
             b, offset = divmod(self.consumed_samples, self.global_batch_size)
-            batch = batches[b]
+            batch = self.global_batch(epoch, b)
             if skip is not None and np.isin(batch, skip).any():
                 self.skipped_batches += 1
                 logger.info("sampler: skipping global batch %d of epoch %d (holds a skip-listed id)",
@@ -153,7 +190,7 @@ class ShapeBatchSampler:
             yield epoch, batch[lo:lo + self.micro_batch_size].tolist(), self.consumed_samples
         if fresh and not yielded:  # every later epoch would be empty too: iterating on would spin forever
             raise EmptyEpochError(
-                f"epoch {epoch} has no global batch to train on: each of its {len(batches)} global batches holds "
+                f"epoch {epoch} has no global batch to train on: each of its {self.num_batches} global batches holds "
                 f"one of the {len(self.skip_ids)} skip-listed sample ids (samples of recorded extreme steps)")
         self.epoch, self.consumed_samples = epoch + 1, 0
 

@@ -102,6 +102,8 @@ def check_metadata(data_config: Any) -> None:
     for path in data_config.metadata_paths:
         if not Path(path).is_file():
             raise PreflightError(f"--data-config: metadata file not found: {path}")
+        if path.endswith(".parquet"):
+            check_bucket_index(path, data_config.shape)
         if path.endswith((".json", ".parquet")):
             continue
         try:
@@ -115,6 +117,17 @@ def check_metadata(data_config: Any) -> None:
     cache = data_config.cache_path
     if cache is not None and not Path(cache).is_dir():
         raise PreflightError(f"--data-config: cache_path is not a directory: {cache}")
+
+
+def check_bucket_index(path: str, shape: Any) -> None:
+    """A planned bucket index next to Parquet metadata (tools/plan_buckets.py) must match it and `shape`."""
+    from megatron_video.data.bucket_index import BucketIndexError, index_paths, load_bucket_index
+
+    if index_paths(path)[0].exists():
+        try:
+            load_bucket_index(path, shape)
+        except BucketIndexError as exc:
+            raise PreflightError(f"--data-config: {exc}") from exc
 
 
 def _same_dir(a: str, b: str | None) -> bool:

@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Data at scale with a planned bucket index (issue 21): per row count, on synthetic Parquet metadata,
+
+- planning time (tools/plan_buckets.py's `plan_bucket_index`, streamed by row group, --workers processes),
+- set-up time from the index in a fresh process (memory-map + sampler), its peak RSS over the imports,
+- time to the first micro-batch of sample ids,
+
+and a linear projection of the planning time and index size to 1.1B rows.
+
+    python bench/bench_data_index.py --rows 10000000 30000000 [--workers 2] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+SHAPE = {"max_tokens": 65536, "num_frames": 121, "min_num_frames": 29, "temporal_buckets": [1, 29, 57, 93, 121]}
+REPORT_ROWS = 1_100_000_000
+
+
+def _setup_child(path: str, gbs: int, mbs: int, dp: int) -> None:
+    """Runs in a fresh interpreter: set-up from the index, the first micro-batch, peak RSS over imports."""
+    import resource
+
+    from megatron_video.data.bucket_index import load_bucket_index
+    from megatron_video.data.config import DataConfig
+    from megatron_video.data.sampler import ShapeBatchSampler
+
+    def rss() -> float:  # current resident set (MiB), memory-mapped index pages touched included
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS"))
+        return int(line.split()[1]) / 1024
+
+    base, base_now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss()
+    cfg = DataConfig.from_dict({"shape": SHAPE}).shape
+    t0 = time.perf_counter()
+    members = load_bucket_index(path, cfg)
+    sampler = ShapeBatchSampler(members, gbs, mbs, dp - 1, dp, seed=1, min_bucket_batches=4)
+    setup = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    first = next(iter(sampler))
+    first_s = time.perf_counter() - t1
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"setup_from_index_s": round(setup, 3), "first_micro_batch_s": round(first_s, 4),
+                      "first_ids": first[:2], "buckets": len(sampler.bucket_keys),
+                      "samples_per_epoch": sampler.samples_per_epoch, "rss_after_imports_mib": round(base),
+                      "peak_rss_over_imports_mib": round(peak - base, 1),
+                      "rss_growth_over_imports_mib": round(rss() - base_now, 1),
+                      "load_average_1min": os.getloadavg()[0]}))
+
+
+def bench(work: Path, rows: int, workers: int) -> dict:
+    from bench_data import write_synthetic_parquet
+
+    from megatron_video.data.bucket_index import index_paths, plan_bucket_index
+    from megatron_video.data.config import DataConfig
+
+    path = work / f"synthetic_{rows}.parquet"
+    if not path.exists():
+        t0 = time.perf_counter()
+        write_synthetic_parquet(path, rows)
+        print(f"wrote {rows:,} rows ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+    t0 = time.perf_counter()
+    plan_bucket_index(str(path), DataConfig.from_dict({"shape": SHAPE}).shape, workers=workers)
+    plan_s = time.perf_counter() - t0
+    index_bytes = sum(p.stat().st_size for p in index_paths(path))
+    code = f"import bench_data_index as b; b._setup_child({str(path)!r}, 1024, 2, 64)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")])}
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"rows": rows, "workers": workers, "plan_s": round(plan_s, 1), "index_mib": round(index_bytes / 2**20),
+            **r}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[10_000_000, 100_000_000])
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workdir", type=Path, default=None, help="kept between runs (default: a temp dir)")
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = a.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for rows in a.rows:
+            r = bench(work, rows, a.workers)
+            scale = REPORT_ROWS / rows
+            print(f"{rows:,} rows: planning {r['plan_s']} s on {a.workers} process(es) (1.1B projected "
+                  f"{r['plan_s'] * scale / 3600:.1f} h per process), index {r['index_mib']} MiB (1.1B: "
+                  f"{r['index_mib'] * scale / 1024:.1f} GiB on disk, memory-mapped); set-up from the index "
+                  f"{r['setup_from_index_s']} s, peak RSS {r['peak_rss_over_imports_mib']} MiB over the imports "
+                  f"(RSS grew {r['rss_growth_over_imports_mib']} MiB), "
+                  f"first micro-batch {r['first_micro_batch_s']} s; {r['buckets']} buckets; load average "
+                  f"{r['load_average_1min']:.1f} on {os.cpu_count()} cores")
+            print(json.dumps(r), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""A planned bucket index next to a Parquet metadata file: shapes planned once, offline, memory-mapped in training.
+
+`tools/plan_buckets.py` streams the metadata by row group (optionally on several processes), plans every row's
+T x H x W (`shapes.plan_shapes`) and writes, next to `<meta>.parquet`:
+
+- `<meta>.parquet.buckets.npy`: one uint16 bucket code per row (0xFFFF: row excluded by planning),
+- `<meta>.parquet.members.npy`: the row ids grouped by bucket (buckets in ascending key order, rows ascending),
+  so the sampler maps a position inside a bucket to a row without building anything per row,
+- `<meta>.parquet.buckets.json`: the planning settings, the metadata file's identity (size, mtime, a hash of
+  the Parquet footer), the bucket keys by code, per-bucket counts and the digest of the planned keys.
+
+Loading refuses an index written with other settings, for other or changed metadata, or truncated, naming the
+file. The digest equals `BucketMembers.from_keys(plan.keys).digest`, so a sampler built from the index has the
+same order and resume fingerprint as one built from the in-memory plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatron_video.data.config import ShapeConfig, _to_dict
+from megatron_video.data.metadata import MetadataError, validate_columns
+from megatron_video.data.sampler import BucketMembers
+
+VERSION = 1
+EXCLUDED = 0xFFFF  # code of a row planning dropped
+
+
+class BucketIndexError(MetadataError):
+    """The bucket index does not belong to this metadata file / these planning settings, or is damaged."""
+
+
+def index_paths(metadata: str | Path) -> tuple[Path, Path, Path]:
+    """(header JSON, per-row codes, members) paths next to `metadata`."""
+    m = str(metadata)
+    return Path(m + ".buckets.json"), Path(m + ".buckets.npy"), Path(m + ".members.npy")
+
+
+def metadata_identity(path: str | Path) -> dict[str, Any]:
+    """Size, mtime and a hash of the Parquet footer (schema, row groups, statistics): changes with the file."""
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        f.seek(max(st.st_size - 8, 0))
+        tail = f.read(8)
+        if len(tail) != 8 or tail[4:] != b"PAR1":
+            raise BucketIndexError(f"{path}: not a Parquet file (no footer)")
+        footer_len = int.from_bytes(tail[:4], "little")
+        f.seek(max(st.st_size - 8 - footer_len, 0))
+        footer = f.read(footer_len)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "footer_blake2b": hashlib.blake2b(footer, digest_size=16).hexdigest()}
+
+
+def planning_settings(cfg: ShapeConfig) -> dict[str, Any]:
+    return _to_dict(cfg)
+
+
+def _plan_groups(task: tuple[str, list[int], int, dict[str, Any]]) -> np.ndarray:
+    """Worker: planned int64 keys of some row groups."""
+    from megatron_video.data.config import DataConfig
+    from megatron_video.data.metadata_parquet import ParquetSource
+    from megatron_video.data.shapes import plan_shapes
+
+    path, groups, offset, shape = task
+    cols = ParquetSource(path, "", load_columns=False).read_columns(groups, offset)
+    validate_columns(cols, path, offset)
+    return plan_shapes(cols, DataConfig.from_dict({"shape": shape}).shape).keys
+
+
+def _tasks(path: str, file: Any, rows: int, shape: dict[str, Any]) -> Iterator[tuple[str, list[int], int, dict]]:
+    md, groups, count, offset = file.metadata, [], 0, 0
+    for rg in range(md.num_row_groups):
+        groups.append(rg)
+        count += md.row_group(rg).num_rows
+        if count >= rows:
+            yield path, groups, offset, shape
+            groups, offset, count = [], offset + count, 0
+    if groups:
+        yield path, groups, offset, shape
+
+
+def plan_bucket_index(metadata: str, cfg: ShapeConfig, workers: int = 1, rows_per_task: int = 1 << 20
+                      ) -> dict[str, Any]:
+    """Plan every row's bucket and write the index next to `metadata`; returns the header."""
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(metadata)
+    n = file.metadata.num_rows
+    identity = metadata_identity(metadata)
+    head_path, codes_path, members_path = index_paths(metadata)
+    tmp_codes = codes_path.with_name(codes_path.name + ".tmp.npy")
+    codes = np.lib.format.open_memmap(tmp_codes, "w+", np.uint16, (n,))
+    table: dict[int, int] = {}
+    digest = hashlib.blake2b(digest_size=16)
+    tasks = _tasks(metadata, file, rows_per_task, planning_settings(cfg))
+    pos = 0
+    if workers > 1:
+        import multiprocessing as mp
+
+        # fork: the workers inherit the imports (spawn re-imports numpy/pyarrow/torch per process)
+        pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers)
+        results: Iterator[np.ndarray] = pool.imap(_plan_groups, tasks)
+    else:
+        pool, results = None, map(_plan_groups, tasks)
+    try:
+        for keys in results:  # in row order
+            digest.update(np.ascontiguousarray(keys, np.int64))
+            uniq, inverse = np.unique(keys, return_inverse=True)
+            local = np.array([EXCLUDED if k < 0 else table.setdefault(int(k), len(table)) for k in uniq])
+            if len(table) >= EXCLUDED:
+                raise BucketIndexError(f"{metadata}: more than {EXCLUDED - 1} shape buckets")
+            codes[pos:pos + len(keys)] = local[inverse.ravel()]
+            pos += len(keys)
+    finally:
+        if pool is not None:
+            pool.close()
+    keys_by_code = np.array(sorted(table, key=table.get), np.int64)
+    counts = np.zeros(len(table), np.int64)
+    for lo in range(0, n, rows_per_task):
+        counts += np.bincount(codes[lo:lo + rows_per_task][codes[lo:lo + rows_per_task] != EXCLUDED],
+                              minlength=len(table))
+    _write_members(codes, keys_by_code, counts, members_path, rows_per_task)
+    codes.flush()
+    del codes
+    os.replace(tmp_codes, codes_path)
+    header = {"version": VERSION, "metadata": os.path.basename(metadata), "num_rows": n,
+              "metadata_identity": identity, "shape": planning_settings(cfg),
+              "bucket_keys": keys_by_code.tolist(), "bucket_counts": counts.tolist(),
+              "keys_digest": digest.hexdigest()}
+    tmp = head_path.with_name(head_path.name + ".tmp")
+    tmp.write_text(json.dumps(header, indent=1))
+    os.replace(tmp, head_path)  # the header last: an index without one is never taken as complete
+    return header
+
+
+def _write_members(codes: np.ndarray, keys_by_code: np.ndarray, counts: np.ndarray, path: Path,
+                   rows: int) -> None:
+    """Row ids grouped by bucket in ascending key order (a chunked counting sort over the codes)."""
+    n, total = len(codes), int(counts.sum())
+    order = np.argsort(keys_by_code)  # code order -> key order
+    start = np.zeros(len(counts), np.int64)
+    start[order] = np.concatenate([[0], np.cumsum(counts[order])[:-1]]).astype(np.int64)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    members = np.lib.format.open_memmap(tmp, "w+", np.uint32 if n < 2**32 else np.int64, (total,))
+    cursor = start.copy()
+    for lo in range(0, n, rows):
+        chunk = np.asarray(codes[lo:lo + rows])
+        rows_sorted = np.argsort(chunk, kind="stable")
+        present, first, cnt = np.unique(chunk[rows_sorted], return_index=True, return_counts=True)
+        for c, f, k in zip(present, first, cnt):
+            if c == EXCLUDED:
+                continue
+            members[cursor[c]:cursor[c] + k] = lo + rows_sorted[f:f + k]
+            cursor[c] += k
+    members.flush()
+    del members
+    os.replace(tmp, path)
+
+
+def load_bucket_index(metadata: str, cfg: ShapeConfig) -> BucketMembers:
+    """The planned buckets of `metadata` as memory maps; BucketIndexError naming the file on any mismatch."""
+    header = read_header(metadata, cfg)
+    _, codes_path, members_path = index_paths(metadata)
+    keys_by_code = np.array(header["bucket_keys"], np.int64)
+    counts = np.array(header["bucket_counts"], np.int64)
+    n = header["num_rows"]
+    _open(codes_path, (n,), np.uint16)
+    members = _open(members_path, (int(counts.sum()),), np.uint32 if n < 2**32 else np.int64)
+    order = np.argsort(keys_by_code)
+    return BucketMembers(keys_by_code[order], counts[order], members, n, header["keys_digest"])
+
+
+def read_header(metadata: str, cfg: ShapeConfig) -> dict[str, Any]:
+    """The index header, checked against the metadata file and the planning settings."""
+    head_path = index_paths(metadata)[0]
+    hint = f"re-plan with: python tools/plan_buckets.py --metadata {metadata} --data-config <config>"
+    if not head_path.is_file():
+        raise BucketIndexError(f"{head_path}: bucket index header not found; {hint}")
+    try:
+        header = json.loads(head_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BucketIndexError(f"{head_path}: unreadable bucket index header ({exc}); {hint}") from exc
+    if header.get("version") != VERSION:
+        raise BucketIndexError(f"{head_path}: index version {header.get('version')!r}, expected {VERSION}")
+    if header.get("shape") != planning_settings(cfg):
+        diff = sorted(k for k, v in planning_settings(cfg).items() if header.get("shape", {}).get(k) != v)
+        raise BucketIndexError(f"{head_path}: planned with other shape settings (differ: {', '.join(diff)}); "
+                               f"{hint}")
+    now = metadata_identity(metadata)
+    if header.get("metadata_identity") != now:
+        diff = sorted(k for k, v in now.items() if header.get("metadata_identity", {}).get(k) != v)
+        raise BucketIndexError(f"{head_path}: written for other or older metadata than {metadata} "
+                               f"(differ: {', '.join(diff)}); {hint}")
+    return header
+
+
+def _open(path: Path, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise BucketIndexError(f"{path}: unreadable or truncated bucket index file ({exc})") from exc
+    if arr.shape != shape or arr.dtype != dtype:
+        raise BucketIndexError(f"{path}: holds {arr.dtype}{list(arr.shape)}, expected {np.dtype(dtype)}"
+                               f"{list(shape)}")
+    return arr

@@ -22,7 +22,7 @@ from megatron_video.data.config import DataConfig, ShapeConfig
 from megatron_video.data.metadata_parquet import ParquetSource
 from megatron_video.data.sampler import BucketMembers, ShapeBatchSampler
 from megatron_video.data.shapes import plan_shapes
-from tests.data_fixtures import REPO, load_tool
+from tests.data_fixtures import REPO, load_tool, sample_dataset_dir, tiny_config  # noqa: F401
 
 ROWS = 9000  # three Parquet row groups of 4096 rows (the last one partial)
 
@@ -117,3 +117,23 @@ def test_preflight_and_tool_refuse_a_stale_index(metadata: Path, tmp_path: Path,
         check_metadata(config)
     assert tool.main(["--metadata", str(tmp_path / "missing.parquet"), "--data-config", str(config_path)]) == 2
     assert "not an existing .parquet metadata file" in capsys.readouterr().err
+
+
+def test_training_sampler_reads_the_planned_index(sample_dataset_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """build_data takes the bucket membership from the index next to Parquet metadata, with the order and
+    resume fingerprint of planning in memory."""
+    import argparse
+
+    from megatron_video.data.convert import json_to_parquet
+    from megatron_video.training.data import build_data
+
+    meta = tmp_path / "meta.parquet"
+    json_to_parquet([str(sample_dataset_dir / "data.txt")], meta, "")
+    config = tiny_config(sample_dataset_dir, metadata_paths=[str(meta)])
+    args = argparse.Namespace(global_batch_size=2, micro_batch_size=1)
+    in_memory = build_data(args, config, 0, 1).sampler
+    plan_bucket_index(str(meta), config.shape)
+    planned = build_data(args, config, 0, 1).sampler
+    assert isinstance(planned._members, np.memmap) and not isinstance(in_memory._members, np.memmap)
+    assert planned.fingerprint() == in_memory.fingerprint()
+    assert list(planned) == list(in_memory)

@@ -30,12 +30,24 @@ def build_data(args: argparse.Namespace, data_config: DataConfig, dp_rank: int, 
     else:
         dataset = VideoDataset.from_config(data_config)
     sampler = ShapeBatchSampler(
-        dataset.shape_keys, global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
+        _planned_buckets(data_config, dataset.shape_keys), global_batch_size=args.global_batch_size,
+        micro_batch_size=args.micro_batch_size,
         dp_rank=dp_rank, dp_size=dp_size, seed=data_config.seed,
         min_bucket_batches=data_config.batch.min_bucket_batches, drop_last=data_config.batch.drop_last,
     )
     loader = build_dataloader(dataset, sampler, num_workers=data_config.num_workers)
     return DataPipeline(dataset, sampler, loader)
+
+
+def _planned_buckets(data_config: DataConfig, keys: Any) -> Any:
+    """The memory-mapped bucket index of one Parquet metadata file when tools/plan_buckets.py wrote one (checked
+    by preflight; the same order and resume fingerprint as planning in memory), else the in-memory keys."""
+    from megatron_video.data.bucket_index import index_paths, load_bucket_index
+
+    paths = data_config.metadata_paths
+    if data_config.cache_path or len(paths) != 1 or not index_paths(paths[0])[0].exists():
+        return keys
+    return load_bucket_index(paths[0], data_config.shape)
 
 
 class BatchEncoder:

@@ -37,11 +37,11 @@ def _setup_child(path: str, gbs: int, mbs: int, dp: int) -> None:
     from megatron_video.data.config import DataConfig
     from megatron_video.data.sampler import ShapeBatchSampler
 
-    def rss() -> float:  # current resident set (MiB), memory-mapped index pages touched included
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS"))
+    def rss(kind: str) -> float:  # MiB; RssAnon: private memory, RssFile: mapped file pages (page cache, shared)
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(kind + ":"))
         return int(line.split()[1]) / 1024
 
-    base, base_now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss()
+    base, anon0, file0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss("RssAnon"), rss("RssFile")
     cfg = DataConfig.from_dict({"shape": SHAPE}).shape
     t0 = time.perf_counter()
     members = load_bucket_index(path, cfg)
@@ -55,7 +55,8 @@ def _setup_child(path: str, gbs: int, mbs: int, dp: int) -> None:
                       "first_ids": first[:2], "buckets": len(sampler.bucket_keys),
                       "samples_per_epoch": sampler.samples_per_epoch, "rss_after_imports_mib": round(base),
                       "peak_rss_over_imports_mib": round(peak - base, 1),
-                      "rss_growth_over_imports_mib": round(rss() - base_now, 1),
+                      "private_rss_growth_mib": round(rss("RssAnon") - anon0, 1),
+                      "mapped_file_rss_growth_mib": round(rss("RssFile") - file0, 1),
                       "load_average_1min": os.getloadavg()[0]}))
 
 
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['plan_s'] * scale / 3600:.1f} h per process), index {r['index_mib']} MiB (1.1B: "
                   f"{r['index_mib'] * scale / 1024:.1f} GiB on disk, memory-mapped); set-up from the index "
                   f"{r['setup_from_index_s']} s, peak RSS {r['peak_rss_over_imports_mib']} MiB over the imports "
-                  f"(RSS grew {r['rss_growth_over_imports_mib']} MiB), "
+                  f"(private RSS grew {r['private_rss_growth_mib']} MiB, mapped index pages "
+                  f"{r['mapped_file_rss_growth_mib']} MiB), "
                   f"first micro-batch {r['first_micro_batch_s']} s; {r['buckets']} buckets; load average "
                   f"{r['load_average_1min']:.1f} on {os.cpu_count()} cores")
             print(json.dumps(r), flush=True)

@@ -53,9 +53,15 @@ def metadata_identity(path: str | Path) -> dict[str, Any]:
             raise BucketIndexError(f"{path}: not a Parquet file (no footer)")
         footer_len = int.from_bytes(tail[:4], "little")
         f.seek(max(st.st_size - 8 - footer_len, 0))
-        footer = f.read(footer_len)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "footer_blake2b": hashlib.blake2b(footer, digest_size=16).hexdigest()}
+        digest = hashlib.blake2b(digest_size=16)
+        left = footer_len
+        while left > 0:  # the footer grows with the row groups: hash it in pieces
+            piece = f.read(min(1 << 20, left))
+            if not piece:
+                break
+            digest.update(piece)
+            left -= len(piece)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "footer_blake2b": digest.hexdigest()}
 
 
 def planning_settings(cfg: ShapeConfig) -> dict[str, Any]:

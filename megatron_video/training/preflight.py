@@ -70,6 +70,7 @@ def check_run(argv: Sequence[str], extra_args: Callable | None = None, rank: int
     from megatron_video.training.save_dir import SaveDirError
 
     args = parse_args(list(argv), extra_args=extra_args)
+    check_checkpoints_are_safe(args)  # first: nothing else may read a checkpoint that would run code
     if check is not None:
         try:
             check(args)
@@ -91,6 +92,17 @@ def check_run(argv: Sequence[str], extra_args: Callable | None = None, rank: int
     except SaveDirError as exc:
         raise PreflightError(str(exc)) from exc
     return args
+
+
+def check_checkpoints_are_safe(args: argparse.Namespace) -> None:
+    """Every checkpoint the run would read (`--load`, and `--init-from-t2v` where the entry point has it) holds
+    only checkpoint metadata and tensors (training/checkpoint_safety.py)."""
+    from megatron_video.training.checkpoint_safety import checkpoint_refusal
+
+    for flag in ("--load", "--init-from-t2v"):
+        refusal = checkpoint_refusal(getattr(args, flag[2:].replace("-", "_"), None), flag)
+        if refusal is not None:
+            raise PreflightError(refusal)
 
 
 def check_metadata(data_config: Any) -> None:

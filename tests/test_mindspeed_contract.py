@@ -59,6 +59,9 @@ def _stand_ins(root: Path) -> Path:
 
 
 def _configs(root: Path, entry: str) -> list[str]:
+    # metadata files that exist (the preflight checks them before the run reaches the device)
+    (root / "annotation.json").write_text("[]")
+    (root / "data.txt").write_text(f"{root},{root / 'annotation.json'}\n")
     (root / "data.yaml").write_text(yaml.safe_dump({"metadata_paths": [str(root / "data.txt")]}))
     if entry == "pretrain_i2v.py":  # its own pre-check loads the model package before the full parser
         return ["--model-config", str(REPO / "examples/i2v/model_small_i2v.yaml"), "--data-config",

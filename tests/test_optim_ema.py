@@ -191,7 +191,7 @@ def _ema_checkpoint_load(directory: str) -> dict[str, torch.Tensor]:
     opt = build_optimizer([model], OptimizerOptions(precision="fp32", clip_mode="none"))
     ema = ShardedEMA(opt, [model])
     loaded = dist_checkpointing.load({"ema": ema.sharded_state_dict(model.sharded_state_dict())}, directory)
-    ema.load_sharded_state_dict(loaded["ema"])
+    ema.load_sharded_state_dict(loaded.get("ema", {}))  # a rank holding no range gets no "ema" entry
     return ema.full_state_dict()
 
 

@@ -199,7 +199,9 @@ def resume(args: argparse.Namespace, parts: Any, data: Any, state: TrainState, l
     if not weights_only:
         load_optimizer_state(parts.optimizer, loaded["optimizer"], model_sharded_state_dict(parts.module))
         if parts.ema is not None:
-            parts.ema.load_sharded_state_dict(loaded["ema"])
+            # a rank whose optimizer range holds no parameter has no EMA entry (dist_checkpointing drops the
+            # empty dict); load_sharded_state_dict still insists on every range the rank does hold
+            parts.ema.load_sharded_state_dict(loaded.get("ema", {}))
             parts.ema.num_updates = int(common["ema_updates"])
         parts.optimizer.load_clip_state_dict(common["clip"])
         parts.scheduler.load_state_dict(common["scheduler"])

@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     data = make_data(work, sizes)
     skiparse = model_config(work / "skiparse.yaml", sizes, SKIPARSE_K)
     dense = model_config(work / "dense.yaml", sizes, [1] * len(SKIPARSE_K))
-    flags = sizes["flags"]
+    # one learning-rate horizon for every run: the half run's schedule (saved in its checkpoint) is then the
+    # uninterrupted run's, as a resumed job's must be (the default decay, linear, runs to --train-iters otherwise)
+    flags = [*sizes["flags"], "--lr-decay-iters", str(steps)]
 
     reference = train(device, out, "reference", steps, skiparse, data, flags)
     first = train(device, out, "first_half", half, skiparse, data, [*flags, "--save", str(work / "ckpt")])

@@ -100,7 +100,10 @@ def check_checkpoints_are_safe(args: argparse.Namespace) -> None:
     from megatron_video.training.checkpoint_safety import checkpoint_refusal
 
     for flag in ("--load", "--init-from-t2v"):
-        refusal = checkpoint_refusal(getattr(args, flag[2:].replace("-", "_"), None), flag)
+        try:
+            refusal = checkpoint_refusal(getattr(args, flag[2:].replace("-", "_"), None), flag)
+        except FileNotFoundError:  # not a complete checkpoint: check_load / the entry point's checks say so
+            continue
         if refusal is not None:
             raise PreflightError(refusal)
 

@@ -11,9 +11,7 @@ else is refused with a `CheckpointRefused` naming the file; only then are the fi
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -116,10 +114,3 @@ def checkpoint_refusal(root: str | Path | None, flag: str) -> str | None:
     except CheckpointError as exc:
         return f"{flag}: {exc}"
     return None
-
-
-def report_refusal(message: str) -> int:
-    """Print `message` once (from the launcher's rank 0; every rank finds the same) and give exit code 2."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    return 2

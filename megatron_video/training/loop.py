@@ -262,16 +262,12 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         run_forward_backward,
         sum_over_pipeline,
     )
-    from megatron_video.training.checkpoint_safety import checkpoint_refusal, report_refusal
     from megatron_video.training.components import build_components
     from megatron_video.training.data import BatchEncoder, build_data
     from megatron_video.training.flops import training_flops_per_sample, video_tokens
     from megatron_video.training.logger import TrainLogger
 
     args = parse_args(argv, extra_args=extra_args)
-    refusal = checkpoint_refusal(args.load, "--load")
-    if refusal is not None:
-        return report_refusal(refusal)
     if args.model_config is None or args.data_config is None or args.train_iters is None:
         raise SystemExit("training needs --model-config, --data-config and --train-iters")
     backend = init_distributed(args.device, args.distributed_timeout_minutes, args.distributed_backend)

@@ -244,11 +244,6 @@ def validate_args(args: argparse.Namespace, world_size: int, num_heads: int | No
             )
     if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
         raise ArgumentError("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
-    if args.overlap_grad_reduce and (args.save or args.load):
-        # measured: a checkpoint saved from a run with several DDP buckets resumes to different weights (the
-        # same run continued is exact); until that is fixed, no checkpointed run may use it
-        raise ArgumentError("--overlap-grad-reduce cannot be combined with --save / --load yet: resuming from a "
-                            "checkpoint saved with several DDP buckets is not exact (docs/PERFORMANCE.md)")
     if args.clip_grad_rank_discard and args.overlap_grad_reduce:
         raise ArgumentError("--clip-grad-rank-discard tests each rank's gradient before the reduce, so it cannot "
                             "run with --overlap-grad-reduce")

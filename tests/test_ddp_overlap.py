@@ -142,11 +142,12 @@ def test_overlap_flags_follow_megatron() -> None:
     assert (args.overlap_grad_reduce, args.overlap_param_gather, args.ddp_bucket_size) == (False, False, None)
     for argv in (["--overlap-param-gather", "--overlap-grad-reduce"],
                  ["--overlap-param-gather", "--use-distributed-optimizer"],
-                 ["--overlap-grad-reduce", "--clip-grad-rank-discard"],
-                 ["--overlap-grad-reduce", "--save", "/tmp/x"]):
+                 ["--overlap-grad-reduce", "--clip-grad-rank-discard"]):
         with pytest.raises(ArgumentError):
             validate_args(parser.parse_args(argv), world_size=1)
     validate_args(parser.parse_args(["--use-distributed-optimizer", *OVERLAP]), world_size=1)
+    validate_args(parser.parse_args(["--use-distributed-optimizer", *OVERLAP, "--save", "/tmp/x", "--load",
+                                     "/tmp/x"]), world_size=1)
 
 
 def test_planner_exposes_what_the_trainer_does_not_hide() -> None:
@@ -162,3 +163,4 @@ def test_planner_exposes_what_the_trainer_does_not_hide() -> None:
     assert both.exposed(4.0, 2.0, 1.0, 0.5, 10) == pytest.approx(3.0 + 1.5)
     # gather overlap off: its whole time is exposed
     assert DataParallelOverlap(True, False).exposed(4.0, 2.0, 100.0, 100.0, 10) == pytest.approx(2.4)
+

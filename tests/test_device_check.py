@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(1500)  # five launches (self-check, four training runs): ~2 min of CPU, longer on a busy host
 def test_device_check_dry_run(tmp_path: Path):
     env = dict(os.environ, DRY_RUN="1", CHECK_OUT=str(tmp_path / "out"), WHEELS_DIR=str(tmp_path / "no_wheels"),
-               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu" / "check.sh")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

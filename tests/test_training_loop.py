@@ -20,10 +20,12 @@ import pytest
 from megatron_video.training.checkpointing import iteration_dir, latest_iteration
 from tests.training_fixtures import (
     TrainingSetup,
+    checkpoint_tensors,
     kill_group,
     losses,
     make_training_setup,
     run_training,
+    same_values,
     start_training,
     train_args,
     wait_for,
@@ -55,9 +57,13 @@ def test_loss_falls_tp2_dp2(reference_tp2_dp2: dict[int, float]):
 
 
 def test_exact_resume_after_sigkill(setup: TrainingSetup, tmp_path: Path):
-    save = tmp_path / "ckpt"
-    args = train_args(setup, 9, "--save", str(save), "--save-interval", "3")
-    code, log = run_training(2, train_args(setup, 9))
+    """With both of Megatron's DP overlaps on and 20 small buckets (so a parameter all-gather is still in flight
+    when a checkpoint is taken): killed after a save, the resumed run's losses equal the uninterrupted run's and
+    its final checkpoint is bitwise the same (weights, EMA, Adam moments, fp32 main params, RNG states)."""
+    overlap = ["--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", "3000"]
+    save, reference = tmp_path / "ckpt", tmp_path / "reference"
+    args = train_args(setup, 9, *overlap, "--save", str(save), "--save-interval", "3")
+    code, log = run_training(2, train_args(setup, 9, *overlap, "--save", str(reference), "--save-interval", "9"))
     assert code == 0, log[-3000:]
     uninterrupted = losses(log)
 
@@ -65,7 +71,7 @@ def test_exact_resume_after_sigkill(setup: TrainingSetup, tmp_path: Path):
     wait_for(tmp_path / "killed.log", r"saved checkpoint .*iter_0000003", proc)
     kill_group(proc, signal.SIGKILL)
     resumed_from = latest_iteration(save)
-    assert resumed_from is not None and resumed_from % 3 == 0
+    assert resumed_from is not None and resumed_from % 3 == 0 and resumed_from < 9
 
     code, log = run_training(2, [*args, "--load", str(save)])
     assert code == 0, log[-3000:]
@@ -73,6 +79,12 @@ def test_exact_resume_after_sigkill(setup: TrainingSetup, tmp_path: Path):
     assert sorted(resumed) == list(range(resumed_from + 1, 10))
     for iteration, loss in resumed.items():
         assert loss == uninterrupted[iteration], (iteration, loss, uninterrupted[iteration])
+    want = checkpoint_tensors(iteration_dir(reference, 9), tmp_path / "want.pt")
+    got = checkpoint_tensors(iteration_dir(save, 9), tmp_path / "got.pt")
+    assert {key.split(".")[0] for key in want} == {"model", "ema", "optimizer", "rng_state"}
+    assert sorted(got) == sorted(want)
+    different = [key for key in want if not same_values(want[key], got[key])]
+    assert not different, different[:10]
 
 
 def test_dead_rank_fails_the_job_and_keeps_the_checkpoint(setup: TrainingSetup, tmp_path: Path):

@@ -11,7 +11,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 import yaml
 
 from megatron_video.parallel.spawn import free_port
@@ -104,3 +106,23 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
             pass
     proc.wait(timeout=60)
     psutil.wait_procs(tree, timeout=60)
+
+
+def checkpoint_tensors(directory: Path, scratch: Path) -> dict[str, Any]:
+    """Everything in a dist checkpoint's shards (weights, EMA, optimizer state in global shape, per-rank RNG
+    objects), read without a process group (torch.distributed.checkpoint.format_utils.dcp_to_torch_save)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(directory), str(scratch))
+    return torch.load(scratch, weights_only=True)
+
+
+def same_values(a: Any, b: Any) -> bool:
+    """Bitwise equality of nested tensors / lists / dicts / plain values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, type(a)) and len(a) == len(b) and all(map(same_values, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    return a == b

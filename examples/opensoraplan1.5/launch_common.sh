@@ -55,7 +55,7 @@ mv_launch() {
     --device "${DEVICE}" --bf16
     --model-config "${MODEL_CONFIG}" --data-config "${DATA_CONFIG}"
     --tensor-model-parallel-size "${TP}" --context-parallel-size "${CP}" --pipeline-model-parallel-size "${PP}"
-    --use-distributed-optimizer
+    --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
     --micro-batch-size "${MBS}" --global-batch-size "${GBS}" --train-iters "${TRAIN_ITERS}"
     --lr "${LR}" --lr-decay-style constant --weight-decay 1e-4 --adam-beta1 0.9 --adam-beta2 0.999 --adam-eps 1e-15
     --clip-grad-ema-decay 0.99 --ema-decay 0.9999

@@ -67,5 +67,8 @@ def build_dataloader(dataset: Dataset, sampler: ShapeBatchSampler, num_workers: 
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=True,
                       multiprocessing_context=multiprocessing_context)
+    # A private generator: every random draw of the pipeline is seeded by (seed, sample, epoch), and starting an
+    # iterator would otherwise take a draw from the global RNG, which the checkpoint saves (a resumed run starts
+    # its loader after the restore, so its RNG state would part from the uninterrupted run's).
     return DataLoader(dataset, batch_sampler=_TaggedBatches(sampler), num_workers=num_workers, collate_fn=fn,
-                      **kwargs)
+                      generator=torch.Generator().manual_seed(0), **kwargs)

@@ -35,3 +35,26 @@ def tp1() -> None:
     if dist.get_world_size() != 1:
         pytest.fail("these tests need a single-process group")
     initialize_parallel(tensor_model_parallel_size=1)
+
+
+@pytest.fixture(scope="session")
+def training_setup(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny end-to-end training set-up (tests/training_fixtures.py), built once for the session."""
+    from tests.training_fixtures import make_training_setup
+
+    return make_training_setup(tmp_path_factory.mktemp("training"))
+
+
+@pytest.fixture(scope="session")
+def reference_tp2_dp2(training_setup, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """An uninterrupted 6-iteration fp32 TP=2 x DP=2 run of `training_setup` (with TensorBoard), shared by the
+    tests that compare another layout, precision or a resumed run with it (constant learning rate, so its first
+    iterations are those of any shorter run)."""
+    from tests.training_fixtures import losses, run_training, train_args
+
+    tensorboard = tmp_path_factory.mktemp("tb")
+    code, log = run_training(4, train_args(training_setup, 6, "--tensor-model-parallel-size", "2",
+                                           "--tensorboard-dir", str(tensorboard)))
+    assert code == 0, log[-3000:]
+    assert list(tensorboard.glob("events.out.tfevents.*")), "TensorBoard events must be written"
+    return losses(log)

@@ -113,6 +113,14 @@ def test_config_file_nested_and_typed(tmp_path):
         from_mapping(_Outer, {"inner": {"width": True}}, "cfg")
 
 
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf"])
+def test_config_file_non_finite_number_refused(tmp_path, text):
+    path = tmp_path / "model.yaml"
+    path.write_text(f"name: b\ninner:\n  width: 8\n  ratio: {text}\n")
+    with pytest.raises(ConfigError, match=r"model.yaml: inner: ratio: expected a finite number"):
+        load_dataclass(_Outer, path)
+
+
 def test_config_file_must_be_mapping(tmp_path):
     path = tmp_path / "list.yaml"
     path.write_text("- 1\n- 2\n")

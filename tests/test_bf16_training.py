@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.training_fixtures import TrainingSetup, losses, make_training_setup, run_training, train_args
+from tests.training_fixtures import TrainingSetup, losses, run_training, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,8 @@ FP32_RTOL = 5e-2
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> TrainingSetup:
-    return make_training_setup(tmp_path_factory.mktemp("bf16"))
+def setup(training_setup: TrainingSetup) -> TrainingSetup:
+    return training_setup
 
 
 def _run(setup: TrainingSetup, *flags: str) -> dict[int, float]:
@@ -43,8 +43,9 @@ def _run(setup: TrainingSetup, *flags: str) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def fp32_tp2_dp2(setup: TrainingSetup) -> dict[int, float]:
-    return _run(setup, *LAYOUTS["tp2_dp2"])
+def fp32_tp2_dp2(reference_tp2_dp2: dict[int, float]) -> dict[int, float]:
+    """The shared fp32 TP 2 x DP 2 run (tests/conftest.py), its first ITERS iterations (constant learning rate)."""
+    return {iteration: reference_tp2_dp2[iteration] for iteration in range(1, ITERS + 1)}
 
 
 @pytest.fixture(scope="module")

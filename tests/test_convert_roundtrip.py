@@ -173,17 +173,14 @@ def test_module_entry_point(tmp_path: Path) -> None:
 def test_full_width_round_trip(tmp_path: Path) -> None:
     """The 8.5B schema at full width (hidden 3072, FFN 12288, 6·3072 modulation, caption 2048, ...) with 3 of
     the 32 blocks (one per stage of a 3-stage U), bf16 random weights: legacy TP 2 x PP 2 -> reshard TP 4 ->
-    export, and dist import -> export, all bitwise. The full 32 blocks run in bench/bench_convert.py."""
+    export, bitwise (the dist format's import -> export runs at small width in the tests above). The full 32
+    blocks run in bench/bench_convert.py."""
     cfg = suv_config("osp-v1.5-8.5b", num_layers=(1, 1, 1), sparse_n=(1, 2, 1))
     src = write_random_released(tmp_path / "src.safetensors", cfg, fast=True)
     common = ["--model-config", _config_file(tmp_path)]
     assert cli("import", src, tmp_path / "leg", "--format", "legacy", "--tp", 2, "--pp", 2, *common) == 0
     assert cli("reshard", tmp_path / "leg", tmp_path / "tp4", "--tp", 4) == 0
     assert cli("export", tmp_path / "tp4", "--safetensors", tmp_path / "out.safetensors") == 0
-    assert_same_tensors(src, tmp_path / "out.safetensors")
-    (tmp_path / "out.safetensors").unlink()
-    assert cli("import", src, tmp_path / "dist", *common) == 0
-    assert cli("export", tmp_path / "dist", *common, "--safetensors", tmp_path / "out.safetensors") == 0
     assert_same_tensors(src, tmp_path / "out.safetensors")
 
 

@@ -196,6 +196,23 @@ def test_wrapper_clips_and_skips():
     assert opt.step(skip_update=True).skipped and fake.inner_steps == 2
 
 
+def test_clip_mode_switch_on_resume():
+    """A resume may switch between constant and EMA clipping: constant -> EMA starts the EMA statistics afresh
+    (a fresh clipper's state) keeping the extreme-in-a-row count; EMA -> constant keeps only that count."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    constant = AdaptiveClipOptimizer(_FakeMegatronOptimizer([p], clip_grad=1.0))
+    constant.consecutive_extreme = 2
+    ema = AdaptiveClipOptimizer(_FakeMegatronOptimizer([p]), EmaThresholdClipper(REFERENCE))
+    ema.load_clip_state_dict(constant.clip_state_dict())
+    fresh = EmaThresholdClipper(REFERENCE).state_dict()
+    assert ema.clip_state_dict() == {**fresh, "consecutive_extreme": 2}
+    _set_grad(p, torch.ones(3), 0.2)
+    assert ema.step().stepped
+    back = AdaptiveClipOptimizer(_FakeMegatronOptimizer([p], clip_grad=1.0))
+    back.load_clip_state_dict(ema.clip_state_dict())
+    assert back.clip_state_dict() == {"consecutive_extreme": 0}
+
+
 def test_wrapper_constant_clip_and_validation():
     p = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="clip_grad must be 0.0"):

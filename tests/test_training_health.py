@@ -36,8 +36,8 @@ RUN_TIMEOUT = 900  # seconds per training run: ~15 on a quiet machine, far more 
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> TrainingSetup:
-    return fx.make_training_setup(tmp_path_factory.mktemp("health"))
+def setup(training_setup: TrainingSetup) -> TrainingSetup:
+    return training_setup
 
 
 def epoch_batches(setup: TrainingSetup, epoch: int) -> list[list[int]]:

@@ -28,6 +28,7 @@ optimizer; the clip statistics are saved separately from `clipper.state_dict()`.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -36,6 +37,8 @@ from typing import Any
 import torch
 
 from megatron_video.optim.clip import EmaThresholdClipper, TooManyExtremeStepsError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,13 @@ class AdaptiveClipOptimizer:
         return self.clipper.state_dict()
 
     def load_clip_state_dict(self, state: dict[str, Any]) -> None:
-        if self.clipper is not None:
-            self.clipper.load_state_dict(state)
-        else:
+        """Restore the clip statistics. A checkpoint saved with constant (or no) clipping holds no EMA
+        statistics: switching to --clip-grad-ema-decay at a resume starts them afresh (the warm-up seeds them),
+        keeping the count of extreme steps in a row; the other way round only that count carries over."""
+        if self.clipper is None:
             self.consecutive_extreme = int(state.get("consecutive_extreme", 0))
+        elif "mu" not in state:
+            log.warning("the checkpoint was saved without EMA clipping: its statistics start afresh")
+            self.clipper.consecutive_extreme = int(state.get("consecutive_extreme", 0))
+        else:
+            self.clipper.load_state_dict(state)

@@ -102,6 +102,9 @@ def test_start_up_reads_nothing_per_row_and_records_cost_their_row_group(metadat
     codes = pickle.loads(pickle.dumps(lazy._keys))
     assert isinstance(codes, BucketCodes) and len(pickle.dumps(lazy._keys)) < 2000
     assert [codes[i] for i in ids] == [int(eager.shape_keys[i]) for i in ids]
+    members = pickle.loads(pickle.dumps(lazy.bucket_members))
+    assert isinstance(members.members, np.memmap) and len(pickle.dumps(lazy.bucket_members)) < 4000
+    np.testing.assert_array_equal(members.members, lazy.bucket_members.members)
     worker = pickle.loads(pickle.dumps(lazy.metadata))
     assert worker.record(8999) == eager.metadata.record(8999)
     with pytest.raises(ValueError, match="needs a planned bucket index"):

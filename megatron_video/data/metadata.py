@@ -2,7 +2,8 @@
 
 Both forms give a `Metadata`: numeric columns for every row (enough to plan shapes without decoding) and
 `record(i)` for the full entry of one sample. Parquet string columns (path, captions) are read one row group
-at a time on demand, so 10M+ rows cost only their numeric columns at start-up.
+at a time on demand, so 10M+ rows cost only their numeric columns at start-up; with a planned bucket index
+(`on_demand=True`) not even those: every field comes with its row group.
 
 Fields (JSON form): path, cap (string or list of strings), resolution {height, width}, num_frames, fps
 (videos), optional aes/aesthetic, motion, camera, cut [start_frame, end_frame), crop [x0, x1, y0, y1].

@@ -55,9 +55,6 @@ class RowGroupCache:
             self._tables.popitem(last=False)
         return value
 
-    def clear(self) -> None:
-        self._tables.clear()
-
 
 class ParquetSource:
     """A Parquet metadata file: numeric columns read eagerly (`load_columns`) or not at all at start-up; the

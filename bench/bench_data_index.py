@@ -4,10 +4,13 @@
 - planning time (tools/plan_buckets.py's `plan_bucket_index`, streamed by row group, --workers processes),
 - set-up time from the index in a fresh process (memory-map + sampler), its peak RSS over the imports,
 - time to the first micro-batch of sample ids,
+- the training dataset's set-up in a fresh process: records read on demand over the index
+  (`VideoDataset.from_index`) against today's in-memory path (`VideoDataset.from_config`, which loads every
+  row's numeric columns and plans shapes), with peak RSS over the imports and the first micro-batch's records,
 
 and a linear projection of the planning time and index size to 1.1B rows.
 
-    python bench/bench_data_index.py --rows 10000000 30000000 [--workers 2] [--workdir DIR]
+    python bench/bench_data_index.py --rows 10000000 30000000 [--workers 2] [--workdir DIR] [--skip-dataset]
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-SHAPE = {"max_tokens": 65536, "num_frames": 121, "min_num_frames": 29, "temporal_buckets": [1, 29, 57, 93, 121]}
+SHAPE = {"max_tokens": 65536, "num_frames": 121, "min_num_frames": 29,  # valid for DataConfig.validate (stride 8)
+         "temporal_buckets": [1, 33, 57, 97, 121]}
 REPORT_ROWS = 1_100_000_000
 
 
@@ -60,6 +64,51 @@ def _setup_child(path: str, gbs: int, mbs: int, dp: int) -> None:
                       "load_average_1min": os.getloadavg()[0]}))
 
 
+def _dataset_child(path: str, on_demand: bool, gbs: int, mbs: int, dp: int) -> None:
+    """Runs in a fresh interpreter: the training dataset + sampler set-up and the first micro-batch's records
+    (decoding is left out: the synthetic paths name no files), peak RSS over the RSS after the imports."""
+    import pyarrow.compute  # noqa: F401  (imported on first use by a record read: a one-time ~0.8 s, not per read)
+    import pyarrow.parquet  # noqa: F401
+
+    from megatron_video.data.config import DataConfig
+    from megatron_video.data.dataset import VideoDataset
+    from megatron_video.data.sampler import ShapeBatchSampler
+
+    def status(kind: str) -> float:  # MiB
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(kind + ":"))
+        return int(line.split()[1]) / 1024
+
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS (Linux >= 4.0)
+    base = status("VmRSS")
+    config = DataConfig.from_dict({"metadata_paths": [path], "shape": SHAPE})
+    t0 = time.perf_counter()
+    ds = VideoDataset.from_index(config) if on_demand else VideoDataset.from_config(config)
+    keys = ds.sampler_keys
+    sampler = ShapeBatchSampler(keys, gbs, mbs, dp - 1, dp, seed=1, min_bucket_batches=4)
+    setup = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    records = [ds.metadata.record(i) for i in next(iter(sampler))]
+    first = time.perf_counter() - t1
+    print(json.dumps({"setup_s": round(setup, 3), "first_records_s": round(first, 4), "records": len(records),
+                      "peak_rss_over_imports_mib": round(status("VmHWM") - base, 1),
+                      "rss_after_imports_mib": round(base)}))
+
+
+def _child(code: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")])}
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_dataset(path: Path) -> dict:
+    """The training dataset's set-up over `path`: on demand from the index vs in memory (fresh processes)."""
+    out = {}
+    for name, on_demand in (("on_demand", True), ("in_memory", False)):
+        r = _child(f"import bench_data_index as b; b._dataset_child({str(path)!r}, {on_demand}, 1024, 2, 64)")
+        out.update({f"{name}_{k}": v for k, v in r.items()})
+    return out
+
+
 def bench(work: Path, rows: int, workers: int) -> dict:
     from bench_data import write_synthetic_parquet
 
@@ -76,10 +125,7 @@ def bench(work: Path, rows: int, workers: int) -> dict:
     plan_bucket_index(str(path), DataConfig.from_dict({"shape": SHAPE}).shape, workers=workers)
     plan_s = time.perf_counter() - t0
     index_bytes = sum(p.stat().st_size for p in index_paths(path))
-    code = f"import bench_data_index as b; b._setup_child({str(path)!r}, 1024, 2, 64)"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "bench")])}
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = _child(f"import bench_data_index as b; b._setup_child({str(path)!r}, 1024, 2, 64)")
     return {"rows": rows, "workers": workers, "plan_s": round(plan_s, 1), "index_mib": round(index_bytes / 2**20),
             **r}
 
@@ -89,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, nargs="+", default=[10_000_000, 100_000_000])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--workdir", type=Path, default=None, help="kept between runs (default: a temp dir)")
+    p.add_argument("--skip-dataset", action="store_true", help="leave out the training dataset's set-up")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = a.workdir or Path(tmp)
@@ -105,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"first micro-batch {r['first_micro_batch_s']} s; {r['buckets']} buckets; load average "
                   f"{r['load_average_1min']:.1f} on {os.cpu_count()} cores")
             print(json.dumps(r), flush=True)
+            if not a.skip_dataset:
+                d = bench_dataset(work / f"synthetic_{rows}.parquet")
+                print(f"{rows:,} rows, training dataset + sampler set-up: on demand from the index "
+                      f"{d['on_demand_setup_s']} s, peak RSS {d['on_demand_peak_rss_over_imports_mib']} MiB over the "
+                      f"imports, first micro-batch's {d['on_demand_records']} records "
+                      f"{d['on_demand_first_records_s']} s; in memory (today's path) {d['in_memory_setup_s']} s, "
+                      f"{d['in_memory_peak_rss_over_imports_mib']} MiB; load average {os.getloadavg()[0]:.1f}")
+                print(json.dumps(d), flush=True)
     return 0
 
 

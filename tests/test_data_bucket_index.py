@@ -121,7 +121,7 @@ def test_preflight_and_tool_refuse_a_stale_index(metadata: Path, tmp_path: Path,
 
 def test_training_sampler_reads_the_planned_index(sample_dataset_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     """build_data takes the bucket membership from the index next to Parquet metadata, with the order and
-    resume fingerprint of planning in memory."""
+    resume fingerprint of planning in memory, and its dataset reads records on demand."""
     import argparse
 
     from megatron_video.data.convert import json_to_parquet
@@ -133,7 +133,9 @@ def test_training_sampler_reads_the_planned_index(sample_dataset_dir: Path, tmp_
     args = argparse.Namespace(global_batch_size=2, micro_batch_size=1)
     in_memory = build_data(args, config, 0, 1).sampler
     plan_bucket_index(str(meta), config.shape)
-    planned = build_data(args, config, 0, 1).sampler
+    planned_data = build_data(args, config, 0, 1)
+    planned = planned_data.sampler
     assert isinstance(planned._members, np.memmap) and not isinstance(in_memory._members, np.memmap)
+    assert planned_data.dataset.metadata.columns is None  # the dataset reads its records on demand
     assert planned.fingerprint() == in_memory.fingerprint()
     assert list(planned) == list(in_memory)

@@ -37,6 +37,7 @@ def test_build_resume_and_read(sample_dataset_dir: Path, tmp_path: Path) -> None
         build_cache(ds, out, venc, tenc, shard_size=7, dtype=torch.float32)
 
     cache = FeatureCacheDataset(out, cfg)
+    assert not any(f._tables for f in cache._captions._files)  # no caption read at start-up: on demand
     np.testing.assert_array_equal(cache.shape_keys, ds.shape_keys)  # same buckets as the decoding set
     sid = int(np.flatnonzero(ds.shape_keys >= 0)[3])
     item = cache[(sid, 0)]

@@ -170,17 +170,46 @@ def _write_members(codes: np.ndarray, keys_by_code: np.ndarray, counts: np.ndarr
     os.replace(tmp, path)
 
 
-def load_bucket_index(metadata: str, cfg: ShapeConfig) -> BucketMembers:
-    """The planned buckets of `metadata` as memory maps; BucketIndexError naming the file on any mismatch."""
+class BucketCodes:
+    """Planned shape key of a row, read from the memory-mapped per-row codes (-1: excluded by planning). Pickles
+    as its path, so DataLoader workers map the same file instead of copying it."""
+
+    def __init__(self, path: Path, keys_by_code: np.ndarray, num_rows: int) -> None:
+        self.path, self.keys_by_code, self.num_rows = Path(path), keys_by_code, num_rows
+        self._codes = _open(self.path, (num_rows,), np.uint16)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, row: int) -> int:
+        code = int(self._codes[row])
+        return -1 if code == EXCLUDED else int(self.keys_by_code[code])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_codes"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._codes = _open(self.path, (self.num_rows,), np.uint16)
+
+
+def open_bucket_index(metadata: str, cfg: ShapeConfig) -> tuple[BucketMembers, BucketCodes]:
+    """The planned buckets of `metadata` (members by bucket, and each row's key) as memory maps; BucketIndexError
+    naming the file on any mismatch."""
     header = read_header(metadata, cfg)
     _, codes_path, members_path = index_paths(metadata)
     keys_by_code = np.array(header["bucket_keys"], np.int64)
     counts = np.array(header["bucket_counts"], np.int64)
     n = header["num_rows"]
-    _open(codes_path, (n,), np.uint16)
+    codes = BucketCodes(codes_path, keys_by_code, n)
     members = _open(members_path, (int(counts.sum()),), np.uint32 if n < 2**32 else np.int64)
     order = np.argsort(keys_by_code)
-    return BucketMembers(keys_by_code[order], counts[order], members, n, header["keys_digest"])
+    return BucketMembers(keys_by_code[order], counts[order], members, n, header["keys_digest"]), codes
+
+
+def load_bucket_index(metadata: str, cfg: ShapeConfig) -> BucketMembers:
+    """The planned buckets of `metadata` as memory maps; BucketIndexError naming the file on any mismatch."""
+    return open_bucket_index(metadata, cfg)[0]
 
 
 def read_header(metadata: str, cfg: ShapeConfig) -> dict[str, Any]:

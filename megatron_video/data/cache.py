@@ -45,17 +45,61 @@ def read_index(cache_dir: str | os.PathLike) -> dict[str, np.ndarray | list]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = Path(cache_dir)
-    if (out / "index.parquet").exists():
-        table = pq.read_table(out / "index.parquet")
-    else:
-        parts = sorted(out.glob("shard_*.parquet"))
-        if not parts:
-            raise FileNotFoundError(f"{out}: no feature cache index (no shard_*.parquet / index.parquet)")
-        table = pa.concat_tables([pq.read_table(p) for p in parts])
+    table = pa.concat_tables([pq.read_table(p) for p in index_files(cache_dir)])
     lists = ("captions", "latent_shape")
     return {name: table.column(name).to_pylist() if name in lists
             else table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+NUMERIC_INDEX_COLUMNS = ("sample_id", "ok", "t", "h", "w", "shard")
+
+
+class IndexCaptions:
+    """The cached caption variants of one index row, read on demand from the index file(s) by row group (LRU),
+    so opening a cache builds no Python object per row. Pickles as its paths (workers reopen the files)."""
+
+    def __init__(self, paths: list[Path], cache_row_groups: int = 4) -> None:
+        self.paths, self._size = paths, cache_row_groups
+        self._open()
+
+    def _open(self) -> None:
+        import pyarrow.parquet as pq
+
+        from megatron_video.data.metadata_parquet import RowGroupCache
+
+        self._files = [RowGroupCache(pq.ParquetFile(p), self._size) for p in self.paths]
+        self.starts = np.cumsum([0] + [int(f.starts[-1]) for f in self._files])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"paths": self.paths, "_size": self._size}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def numeric_columns(self) -> dict[str, np.ndarray]:
+        """The index's numeric columns of all rows, as numpy (no string data read)."""
+        import pyarrow.parquet as pq
+
+        parts = [pq.read_table(p, columns=list(NUMERIC_INDEX_COLUMNS)) for p in self.paths]
+        return {c: np.concatenate([t.column(c).to_numpy(zero_copy_only=False) for t in parts])
+                for c in NUMERIC_INDEX_COLUMNS}
+
+    def __getitem__(self, row: int) -> list[str]:
+        f = int(np.searchsorted(self.starts, row, side="right")) - 1
+        rg, j = self._files[f].locate(row - int(self.starts[f]))
+        return self._files[f].get(rg, ("captions",)).column("captions")[j].as_py()
+
+
+def index_files(cache_dir: str | os.PathLike) -> list[Path]:
+    """index.parquet, else every finished shard's index file."""
+    out = Path(cache_dir)
+    if (out / "index.parquet").exists():
+        return [out / "index.parquet"]
+    parts = sorted(out.glob("shard_*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"{out}: no feature cache index (no shard_*.parquet / index.parquet)")
+    return parts
 
 
 def hash_seed(*values: int) -> int:
@@ -69,7 +113,8 @@ class FeatureCacheDataset(Dataset):
 
     `shape_keys` covers the original metadata ids (-1 where not cached or bad), so `ShapeBatchSampler`
     works on it unchanged; CFG dropout swaps in the cached embeddings of "" with the same per-(sample,
-    epoch) draw as the decoding dataset.
+    epoch) draw as the decoding dataset. Only the index's numeric columns are loaded (numpy); captions are
+    read by row group when a sample is.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, config: DataConfig, max_open_shards: int = 8) -> None:
@@ -81,7 +126,8 @@ class FeatureCacheDataset(Dataset):
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("version") != CACHE_VERSION:
             raise ValueError(f"{self.dir}: cache version {self.meta.get('version')} != {CACHE_VERSION}")
-        idx = read_index(self.dir)
+        self._captions = IndexCaptions(index_files(self.dir))
+        idx = self._captions.numeric_columns()
         ok = np.asarray(idx["ok"], bool)
         n = int(self.meta["num_samples"])
         self.shape_keys = np.full(n, -1, np.int64)
@@ -90,7 +136,8 @@ class FeatureCacheDataset(Dataset):
                                            np.asarray(idx["w"])[ok])
         self._shard = np.full(n, -1, np.int32)
         self._shard[sids] = np.asarray(idx["shard"])[ok]
-        self._captions = {int(s): c for s, c, k in zip(idx["sample_id"], idx["captions"], ok) if k}
+        self._row = np.full(n, -1, np.int64)  # the sample's row in the index (its captions: read on demand)
+        self._row[sids] = np.flatnonzero(ok)
         self._handles: OrderedDict[int, Any] = OrderedDict()
         self._max_open = max_open_shards
         self._empty: dict[str, torch.Tensor] | None = None
@@ -159,7 +206,9 @@ class FeatureCacheDataset(Dataset):
                 if self.meta["latent_kind"] == "moments":  # a fresh draw per (sample, epoch), same on peers
                     gen = torch.Generator().manual_seed(hash_seed(self.config.seed, sid, epoch))
                     out["latent"] = sample_cached_latent(out["latent"], "moments", gen)
-            captions = self._captions[sid]
+            if self._row[sid] < 0:
+                raise KeyError(f"sample {sid} is not in the feature cache index")
+            captions = self._captions[int(self._row[sid])]
             j = choose_caption(len(captions), self.config.caption.cfg_dropout, self.config.seed, sid, epoch)
             out["caption"] = "" if j < 0 else captions[j]
             if self.meta["text"]:

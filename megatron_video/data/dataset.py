@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,7 +14,11 @@ from megatron_video.data.captions import build_caption
 from megatron_video.data.config import DataConfig
 from megatron_video.data.decode import DecodeError, decode_image, decode_video, to_tensor
 from megatron_video.data.metadata import Metadata, MetadataError, load_metadata
+from megatron_video.data.sampler import BucketMembers
 from megatron_video.data.shapes import ShapePlan, decode_key, frame_indices, plan_shapes
+
+if TYPE_CHECKING:
+    from megatron_video.data.bucket_index import BucketCodes
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +62,12 @@ class BadSampleTracker:
     def __init__(self, limit: int, num_samples: int) -> None:
         self.limit = limit
         self._counts = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
-        self._known = torch.zeros(num_samples, dtype=torch.uint8).share_memory_()
+        # UntypedStorage._new_shared (torch/storage.py) maps a new shared-memory file sized with ftruncate
+        # (aten/src/ATen/MapAllocator.cpp): it reads as zeros and only the pages a bad sample touches become
+        # resident (measured: a 1 GiB one adds 4 KiB of RssShmem), unlike zeros().share_memory_(), which writes
+        # every page (1 byte a row at start-up).
+        storage = torch.UntypedStorage._new_shared(max(num_samples, 1))
+        self._known = torch.empty(0, dtype=torch.uint8).set_(storage)[:num_samples]
 
     def known_bad(self, sample_id: int) -> bool:
         return bool(self._known[sample_id])
@@ -85,13 +94,20 @@ class BadSampleTracker:
 
 
 class ShapeBuckets:
-    """Members of each shape key, built on first use (only needed when replacing a bad sample)."""
+    """Members of each shape key, built on first use (only needed when replacing a bad sample), or taken from a
+    planned bucket index (`BucketMembers`: rows ascending in each bucket, as here, so replacements agree)."""
 
-    def __init__(self, keys: np.ndarray) -> None:
+    def __init__(self, keys: np.ndarray | BucketMembers) -> None:
         self._keys = keys
         self._order: np.ndarray | None = None
 
     def members(self, key: int) -> np.ndarray:
+        if isinstance(self._keys, BucketMembers):
+            b = int(np.searchsorted(self._keys.bucket_keys, key))
+            if b == len(self._keys.bucket_keys) or self._keys.bucket_keys[b] != key:
+                return self._keys.members[:0]
+            start = int(self._keys.bucket_sizes[:b].sum())
+            return self._keys.members[start:start + int(self._keys.bucket_sizes[b])]
         if self._order is None:
             self._order = np.argsort(self._keys, kind="stable")
             self._sorted = self._keys[self._order]
@@ -128,23 +144,57 @@ def read_with_replacement(requested: int, epoch: int, key: int, load: Callable[[
 class VideoDataset(Dataset):
     """Item -> {"video": (3, T, H, W) in [-1, 1], "caption": str, "sample_id": int, "shape": (T, H, W),
     "requested_id": int}. `sample_id` differs from `requested_id` when an unreadable sample was replaced by
-    another of the same shape bucket (so the batch keeps its size and shape)."""
+    another of the same shape bucket (so the batch keeps its size and shape).
 
-    def __init__(self, metadata: Metadata, config: DataConfig, plan: ShapePlan | None = None) -> None:
+    Shapes are planned in memory from the metadata's numeric columns, or (`from_index`) taken from a planned
+    bucket index (tools/plan_buckets.py) while each record is read on demand: nothing per row is loaded."""
+
+    def __init__(self, metadata: Metadata, config: DataConfig, plan: ShapePlan | None = None,
+                 index: tuple[BucketMembers, BucketCodes] | None = None) -> None:
         config.validate()
         self.metadata, self.config = metadata, config
-        self.plan = plan if plan is not None else plan_shapes(metadata.columns, config.shape)
+        if index is not None:
+            self.plan, (self.bucket_members, self._keys) = None, index
+            self.buckets = ShapeBuckets(self.bucket_members)
+        else:
+            if metadata.columns is None:
+                raise ValueError("metadata read on demand needs a planned bucket index (VideoDataset.from_index)")
+            self.plan = plan if plan is not None else plan_shapes(metadata.columns, config.shape)
+            self.bucket_members, self._keys = None, self.plan.keys
+            self.buckets = ShapeBuckets(self.plan.keys)
         self.bad_samples = BadSampleTracker(config.max_bad_samples, len(metadata))
-        self.buckets = ShapeBuckets(self.plan.keys)
         self.epoch = 0
 
     @classmethod
     def from_config(cls, config: DataConfig) -> VideoDataset:
         return cls(load_metadata(config.metadata_paths, config.data_root), config)
 
+    @classmethod
+    def from_index(cls, config: DataConfig) -> VideoDataset:
+        """Over one Parquet metadata file with its planned bucket index: records read on demand."""
+        from megatron_video.data.bucket_index import open_bucket_index
+
+        if len(config.metadata_paths) != 1 or not config.metadata_paths[0].endswith(".parquet"):
+            raise ValueError(f"a planned bucket index needs one Parquet metadata file, got {config.metadata_paths}")
+        path = config.metadata_paths[0]
+        index = open_bucket_index(path, config.shape)
+        metadata = load_metadata(path, config.data_root, on_demand=True)
+        if len(metadata) != index[0].num_rows:
+            raise MetadataError(f"{path}: {len(metadata)} rows, its bucket index {index[0].num_rows}")
+        return cls(metadata, config, index=index)
+
     @property
     def shape_keys(self) -> np.ndarray:
+        """Per-row planned keys (in-memory planning only; `sampler_keys` serves both forms)."""
+        if self.plan is None:
+            raise AttributeError("a dataset over a planned bucket index has no per-row key array; "
+                                 "use sampler_keys")
         return self.plan.keys
+
+    @property
+    def sampler_keys(self) -> np.ndarray | BucketMembers:
+        """What `ShapeBatchSampler` takes: the planned bucket index's members, or the in-memory keys."""
+        return self.bucket_members if self.bucket_members is not None else self.plan.keys
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch used for plain int items (tagged items carry their own)."""
@@ -159,7 +209,7 @@ class VideoDataset(Dataset):
 
     def __getitem__(self, item: int | tuple[int, ...]) -> dict[str, Any]:
         requested, epoch = SampleIndex.split(item, self.epoch)
-        key = int(self.plan.keys[requested])
+        key = int(self._keys[requested])
         if key < 0:
             raise IndexError(f"sample {requested} is excluded by shape planning; use the batch sampler")
         sample = read_with_replacement(requested, epoch, key, self.load, self.bad_samples, self.buckets,
@@ -172,7 +222,7 @@ class VideoDataset(Dataset):
     def load(self, sample_id: int, epoch: int) -> dict[str, Any]:
         """Decode one sample at its planned shape (raises DecodeError / MetadataError on bad input)."""
         rec = self.metadata.record(sample_id)
-        t, h, w = decode_key(self.plan.keys[sample_id])
+        t, h, w = decode_key(self._keys[sample_id])
         if rec.is_image:
             frames = decode_image(rec.path, (h, w), rec.crop)
         else:

@@ -2,7 +2,8 @@
 
 Both forms give a `Metadata`: numeric columns for every row (enough to plan shapes without decoding) and
 `record(i)` for the full entry of one sample. Parquet string columns (path, captions) are read one row group
-at a time on demand, so 10M+ rows cost only their numeric columns at start-up.
+at a time on demand, so 10M+ rows cost only their numeric columns at start-up; with a planned bucket index
+(`on_demand=True`) not even those: every field comes with its row group.
 
 Fields (JSON form): path, cap (string or list of strings), resolution {height, width}, num_frames, fps
 (videos), optional aes/aesthetic, motion, camera, cut [start_frame, end_frame), crop [x0, x1, y0, y1].
@@ -120,6 +121,9 @@ class _JsonSource:
         self.records: list[dict[str, Any]] = entries
         self.columns = self._columns()
 
+    def __len__(self) -> int:
+        return len(self.records)
+
     def _fail(self, row: int, msg: str) -> MetadataError:
         path = self.records[row].get("path") if isinstance(self.records[row], dict) else None
         return MetadataError(f"{self.name}: row {row} (path={path!r}): {msg}")
@@ -181,14 +185,16 @@ class _JsonSource:
 
 
 class Metadata:
-    """Concatenation of metadata sources with one global row index."""
+    """Concatenation of metadata sources with one global row index. `columns` is None when the sources read
+    their records on demand (`load_metadata(..., on_demand=True)`)."""
 
     def __init__(self, sources: list[Any]) -> None:
         if not sources:
             raise MetadataError("no metadata sources given")
         self._sources = sources
-        self._offsets = np.cumsum([0] + [len(s.columns) for s in sources])
-        self.columns = _concat_columns([s.columns for s in sources])
+        self._offsets = np.cumsum([0] + [len(s) for s in sources])
+        loaded = all(hasattr(s, "columns") for s in sources)
+        self.columns: ShapeColumns | None = _concat_columns([s.columns for s in sources]) if loaded else None
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -204,8 +210,10 @@ class Metadata:
         return [s.name for s in self._sources]
 
 
-def load_metadata(paths: list[str] | str, data_root: str = "") -> Metadata:
-    """Load `data.txt` (lines `root,annotation.json`), annotation `.json` or `.parquet` files, in order."""
+def load_metadata(paths: list[str] | str, data_root: str = "", on_demand: bool = False) -> Metadata:
+    """Load `data.txt` (lines `root,annotation.json`), annotation `.json` or `.parquet` files, in order.
+    `on_demand`: Parquet files read nothing per row at start-up (every field is read with its row group when a
+    record is asked for; the shapes then come from a planned bucket index); JSON files are held in memory."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [str(paths)]
     sources: list[Any] = []
@@ -214,7 +222,7 @@ def load_metadata(paths: list[str] | str, data_root: str = "") -> Metadata:
         if p.endswith(".parquet"):
             from megatron_video.data.metadata_parquet import ParquetSource
 
-            sources.append(ParquetSource(p, data_root))
+            sources.append(ParquetSource(p, data_root, load_columns=not on_demand))
         elif p.endswith(".json"):
             sources.append(_JsonSource(data_root, p))
         else:

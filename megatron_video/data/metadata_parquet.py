@@ -1,4 +1,5 @@
-"""Parquet metadata (the scalable form): numeric columns read eagerly into numpy, strings on demand.
+"""Parquet metadata (the scalable form): numeric columns read eagerly into numpy and strings on demand, or
+(`load_columns=False`, with a planned bucket index) every field on demand, one cached row group at a time.
 
 Columns: path, cap (list<string> or string), height, width, num_frames, fps, is_image, aes, motion, camera,
 cut_start, cut_end, crop_x0, crop_x1, crop_y0, crop_y1 (the optional ones nullable).
@@ -28,8 +29,36 @@ from megatron_video.data.metadata import (
 )
 
 
+class RowGroupCache:
+    """Some columns of a Parquet file read one row group at a time, the last `size` kept (LRU), so a random
+    row costs one row group's read and memory never holds the whole file."""
+
+    def __init__(self, file: Any, size: int) -> None:
+        self.file, self.size = file, size
+        self.starts = np.cumsum([0] + [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)])
+        self._tables: OrderedDict[tuple[int, tuple[str, ...]], Any] = OrderedDict()
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """(row group, offset in it) of a file row."""
+        rg = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return rg, row - int(self.starts[rg])
+
+    def get(self, rg: int, columns: tuple[str, ...], convert: Any = None) -> Any:
+        """`columns` of row group `rg` (as `convert(table, first row)` when given, cached converted)."""
+        if (rg, columns) in self._tables:
+            self._tables.move_to_end((rg, columns))
+            return self._tables[rg, columns]
+        table = self.file.read_row_group(rg, columns=list(columns), use_threads=False)
+        value = table if convert is None else convert(table, int(self.starts[rg]))
+        self._tables[rg, columns] = value
+        if len(self._tables) > self.size:
+            self._tables.popitem(last=False)
+        return value
+
+
 class ParquetSource:
-    """A Parquet metadata file: numeric columns read eagerly, strings one row group at a time (LRU)."""
+    """A Parquet metadata file: numeric columns read eagerly (`load_columns`) or not at all at start-up; the
+    rest one row group at a time (LRU of `cache_row_groups`)."""
 
     def __init__(self, path: str, root: str, cache_row_groups: int = 4, load_columns: bool = True) -> None:
         import pyarrow.parquet as pq
@@ -43,17 +72,15 @@ class ParquetSource:
         missing = {"path", "cap", "height", "width"} - names
         if missing:
             raise MetadataError(f"{path}: missing required column(s) {sorted(missing)}")
-        self._names = names
-        self._rg_starts = np.cumsum([0] + [self._file.metadata.row_group(i).num_rows
-                                          for i in range(self._file.num_row_groups)])
-        self._cache: OrderedDict[int, Any] = OrderedDict()
-        self._cache_size = cache_row_groups
-        if load_columns:  # False: only `read_columns` of some row groups (offline planning)
+        self._names, self._cache_size = names, cache_row_groups
+        self._rows = RowGroupCache(self._file, cache_row_groups)
+        self._rg_starts = self._rows.starts
+        if load_columns:  # False: records read on demand, a row group at a time (or planning's `read_columns`)
             self.columns = self._columns()
 
     def __getstate__(self) -> dict[str, Any]:  # ParquetFile handles are reopened in worker processes
         state = dict(self.__dict__)
-        state["_file"], state["_cache"] = None, OrderedDict()
+        state["_file"] = state["_rows"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -61,6 +88,7 @@ class ParquetSource:
 
         self.__dict__.update(state)
         self._file = pq.ParquetFile(self._path)
+        self._rows = RowGroupCache(self._file, self._cache_size)
 
     def _columns(self) -> ShapeColumns:
         cols = self.read_columns()
@@ -68,40 +96,52 @@ class ParquetSource:
         self._check_required_strings()
         return cols
 
+    def __len__(self) -> int:
+        return int(self._rg_starts[-1])
+
+    def _numeric_names(self) -> list[str]:
+        wanted = [c for c in NUMERIC_COLUMNS + ("is_image",) if c in self._names]
+        if "is_image" not in self._names:
+            wanted.append("path")  # derive the media type from the file extension
+        return wanted
+
     def read_columns(self, row_groups: list[int] | None = None, first_row: int = 0) -> ShapeColumns:
         """Numeric columns of `row_groups` (default all) streamed in batches into preallocated arrays (peak ~
         final arrays + 1 batch); not validated. `first_row`: the file row of the first one (for messages)."""
         md = self._file.metadata
         row_groups = list(range(md.num_row_groups)) if row_groups is None else row_groups
         n = sum(md.row_group(rg).num_rows for rg in row_groups)
-        names = ("height", "width", "num_frames", "cut_start", "cut_end")
-        ints = {k: np.full(n, -1, np.int32) for k in names}
-        fps = np.zeros(n, np.float64)
-        crop = np.full((n, 4), -1, np.int32)
-        is_image = np.zeros(n, bool)
-        wanted = [c for c in NUMERIC_COLUMNS + ("is_image",) if c in self._names]
-        if "is_image" not in self._names:
-            wanted.append("path")  # derive the media type from the file extension
+        out = ShapeColumns(np.zeros(n, bool), *(np.full(n, -1, np.int32) for _ in range(3)), np.zeros(n, np.float64),
+                           np.full(n, -1, np.int32), np.full(n, -1, np.int32), np.full((n, 4), -1, np.int32))
         lo = 0
         for groups in self._row_group_chunks(1 << 20, row_groups):
-            batch = self._file.read_row_groups(groups, columns=wanted, use_threads=True)
-            hi = lo + batch.num_rows
-            for name in wanted:
-                arr = batch.column(name)
-                if name in ("height", "width") and arr.null_count:
-                    row = first_row + lo + int(np.flatnonzero(np.asarray(arr.is_null()))[0])
-                    raise MetadataError(f"{self.name}: row {row}: missing field '{name}'")
-                if name == "path":
-                    is_image[lo:hi] = [is_image_path(p or "") for p in arr.to_pylist()]
-                elif name == "is_image":
-                    is_image[lo:hi] = arr.fill_null(False).to_numpy()
-                elif name == "fps":
-                    fps[lo:hi] = arr.fill_null(0.0).to_numpy()
-                elif name.startswith("crop_"):
-                    crop[lo:hi, ("x0", "x1", "y0", "y1").index(name[5:])] = arr.fill_null(-1).to_numpy()
-                else:
-                    ints[name][lo:hi] = arr.fill_null(-1).to_numpy()
-            lo = hi
+            batch = self._file.read_row_groups(groups, columns=self._numeric_names(), use_threads=True)
+            part = self._batch_columns(batch, first_row + lo)
+            for dst, src in zip(out, part):
+                dst[lo:lo + len(src)] = src
+            lo += batch.num_rows
+        return out
+
+    def _batch_columns(self, batch: Any, first_row: int) -> ShapeColumns:
+        """The numeric columns of a table read from this file (absent optional values as -1 / 0.0)."""
+        n = batch.num_rows
+        ints = {k: np.full(n, -1, np.int32) for k in ("height", "width", "num_frames", "cut_start", "cut_end")}
+        fps, crop, is_image = np.zeros(n, np.float64), np.full((n, 4), -1, np.int32), np.zeros(n, bool)
+        for name in self._numeric_names():
+            arr = batch.column(name)
+            if name in ("height", "width") and arr.null_count:
+                row = first_row + int(np.flatnonzero(np.asarray(arr.is_null()))[0])
+                raise MetadataError(f"{self.name}: row {row}: missing field '{name}'")
+            if name == "path":
+                is_image[:] = [is_image_path(p or "") for p in arr.to_pylist()]
+            elif name == "is_image":
+                is_image[:] = arr.fill_null(False).to_numpy()
+            elif name == "fps":
+                fps[:] = arr.fill_null(0.0).to_numpy()
+            elif name.startswith("crop_"):
+                crop[:, ("x0", "x1", "y0", "y1").index(name[5:])] = arr.fill_null(-1).to_numpy()
+            else:
+                ints[name][:] = arr.fill_null(-1).to_numpy()
         ints["num_frames"][is_image] = 1
         return ShapeColumns(is_image, ints["height"], ints["width"], ints["num_frames"], fps,
                             ints["cut_start"], ints["cut_end"], crop)
@@ -135,20 +175,26 @@ class ParquetSource:
             count += self._file.metadata.row_group(rg).num_rows
         return [c for c in chunks if c]
 
-    def _row_group(self, rg: int) -> Any:
-        if rg in self._cache:
-            self._cache.move_to_end(rg)
-            return self._cache[rg]
-        cols = [c for c in STRING_COLUMNS + FLOAT_COLUMNS if c in self._names]
-        data = self._file.read_row_group(rg, columns=cols, use_threads=False)
-        self._cache[rg] = data
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return data
+    def _row_group(self, rg: int) -> tuple[Any, ShapeColumns | None]:
+        """(string/float columns, numeric columns) of one row group, cached. The numeric columns come from the
+        row group itself (checked as `_columns` checks all rows) when they were not loaded at start-up."""
+        cols = tuple(c for c in STRING_COLUMNS + FLOAT_COLUMNS if c in self._names)
+        if hasattr(self, "columns"):
+            return self._rows.get(rg, cols), None
+        cols += tuple(c for c in self._numeric_names() if c not in cols)
+        return self._rows.get(rg, cols, self._checked_row_group)
+
+    def _checked_row_group(self, table: Any, first_row: int) -> tuple[Any, ShapeColumns]:
+        numeric = self._batch_columns(table, first_row)
+        validate_columns(numeric, self.name, first_row)
+        return table, numeric
 
     def record(self, local: int, index: int) -> SampleRecord:
-        rg = int(np.searchsorted(self._rg_starts, local, side="right")) - 1
-        data, j, c = self._row_group(rg), local - int(self._rg_starts[rg]), self.columns
+        if not 0 <= local < len(self):
+            raise IndexError(f"{self.name}: row {local} out of range [0, {len(self)})")
+        rg, j = self._rows.locate(local)
+        data, numeric = self._row_group(rg)
+        c, k = (self.columns, local) if numeric is None else (numeric, j)
 
         def get(name: str) -> Any:
             return data.column(name)[j].as_py() if name in data.column_names else None
@@ -158,8 +204,8 @@ class ParquetSource:
             raise MetadataError(f"{self.name}: row {local}: missing field 'path'")
         caps = parse_captions(get("cap"), lambda m: MetadataError(f"{self.name}: row {local}: {m}"))
         return SampleRecord(
-            index=index, path=os.path.join(self.root, path), captions=caps, is_image=bool(c.is_image[local]),
-            height=int(c.height[local]), width=int(c.width[local]), num_frames=int(c.num_frames[local]),
-            fps=0.0 if c.is_image[local] else float(c.fps[local]),
+            index=index, path=os.path.join(self.root, path), captions=caps, is_image=bool(c.is_image[k]),
+            height=int(c.height[k]), width=int(c.width[k]), num_frames=int(c.num_frames[k]),
+            fps=0.0 if c.is_image[k] else float(c.fps[k]),
             aesthetic=get("aes"), motion=get("motion"), camera=get("camera"),
-            cut=cut_of(c, local), crop=crop_of(c, local))
+            cut=cut_of(c, k), crop=crop_of(c, k))

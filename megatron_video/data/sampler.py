@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,21 @@ class BucketMembers:
     members: np.ndarray  # integer row ids, grouped by bucket
     num_rows: int
     digest: str
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A memory-mapped `members` pickles as its file (a spawned DataLoader worker maps it, no copy)."""
+        state = dict(self.__dict__)
+        m = self.members
+        # only a whole-file map (as np.load gives for .npy) pickles by path: a slice keeps its parent's offset
+        if isinstance(m, np.memmap) and m.filename is not None and m.offset + m.nbytes == os.path.getsize(m.filename):
+            state["members"] = ("memmap", m.filename, m.dtype.str, m.shape, m.offset)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        m = state["members"]
+        if isinstance(m, tuple) and m[0] == "memmap":
+            state["members"] = np.memmap(m[1], np.dtype(m[2]), "r", m[4], m[3])
+        self.__dict__.update(state)
 
     @property
     def bucket_starts(self) -> np.ndarray:

@@ -27,10 +27,15 @@ def build_data(args: argparse.Namespace, data_config: DataConfig, dp_rank: int, 
 
     if data_config.cache_path:
         dataset = FeatureCacheDataset(data_config.cache_path, data_config)
+        keys = dataset.shape_keys
+    elif _has_bucket_index(data_config):  # checked by preflight; records then read on demand
+        dataset = VideoDataset.from_index(data_config)
+        keys = dataset.sampler_keys
     else:
         dataset = VideoDataset.from_config(data_config)
+        keys = dataset.shape_keys
     sampler = ShapeBatchSampler(
-        _planned_buckets(data_config, dataset.shape_keys), global_batch_size=args.global_batch_size,
+        keys, global_batch_size=args.global_batch_size,
         micro_batch_size=args.micro_batch_size,
         dp_rank=dp_rank, dp_size=dp_size, seed=data_config.seed,
         min_bucket_batches=data_config.batch.min_bucket_batches, drop_last=data_config.batch.drop_last,
@@ -39,15 +44,13 @@ def build_data(args: argparse.Namespace, data_config: DataConfig, dp_rank: int, 
     return DataPipeline(dataset, sampler, loader)
 
 
-def _planned_buckets(data_config: DataConfig, keys: Any) -> Any:
-    """The memory-mapped bucket index of one Parquet metadata file when tools/plan_buckets.py wrote one (checked
-    by preflight; the same order and resume fingerprint as planning in memory), else the in-memory keys."""
-    from megatron_video.data.bucket_index import index_paths, load_bucket_index
+def _has_bucket_index(data_config: DataConfig) -> bool:
+    """tools/plan_buckets.py wrote a bucket index for the one Parquet metadata file: the dataset memory-maps it
+    (the same order and resume fingerprint as planning in memory) and reads each record on demand."""
+    from megatron_video.data.bucket_index import index_paths
 
     paths = data_config.metadata_paths
-    if data_config.cache_path or len(paths) != 1 or not index_paths(paths[0])[0].exists():
-        return keys
-    return load_bucket_index(paths[0], data_config.shape)
+    return len(paths) == 1 and paths[0].endswith(".parquet") and index_paths(paths[0])[0].exists()
 
 
 class BatchEncoder:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from megatron_video.models.attention import attention
 from megatron_video.models.suv_mmdit.config import BlockSpec, SUVConfig
+from megatron_video.models.suv_mmdit.context_parallel import attach_context_parallel
 from megatron_video.models.suv_mmdit.layers import (
     HeadRMSNorm,
     LayerNorm,
@@ -228,7 +229,7 @@ class SUVBlock(nn.Module):
             if module is not None:
                 mark_sequence_parallel(module, config)
         self.recompute_ffn = False  # selective recompute (set by the model from the Megatron flags)
-        self.context_parallel = None  # parallel/context_parallel.py BlockContext when CP > 1 (set by the model)
+        self.context_parallel = None  # context_parallel.py BlockContext when CP > 1 (set by the model)
 
     def attention_half(self, x: Tensor, c: Tensor, temb: Tensor, rope_cos: Tensor, rope_sin: Tensor,
                        video_valid: Tensor, text_valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -372,8 +373,6 @@ class SUVMMDiT(nn.Module):
             part(1 + cfg.num_blocks)
             self.final = FinalLayer(cfg, config)
         self.recompute_blocks = self._configure_recompute(config)
-        from megatron_video.parallel.context_parallel import attach_context_parallel  # (import cycle)
-
         self.context_parallel = attach_context_parallel(cfg, config, self.blocks)  # None unless CP > 1
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor | None] | None) -> None:

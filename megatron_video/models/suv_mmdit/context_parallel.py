@@ -1,6 +1,6 @@
 """Skiparse-aware sequence parallelism over megatron's context-parallel (CP) group, with Ulysses as baseline.
 
-How the SUV model runs under CP (see skiparse_layout.py for the index maps, ulysses.py for the collectives):
+How the SUV model runs under CP (see skiparse_layout.py for the index maps, parallel/ulysses.py for the collectives):
 - Every CP rank gets the whole micro-batch (same latent, noise and text as its CP peers). The model embeds it,
   keeps its own video tokens (`split_inputs`) and returns the whole output on every rank (`gather_output`),
   so the loss is computed in full on each rank and the training loop needs no change.
@@ -25,7 +25,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core import parallel_state as mpu
@@ -34,8 +33,7 @@ from torch import Tensor, nn
 
 from megatron_video.models.suv_mmdit.config import SUVConfig
 from megatron_video.models.suv_mmdit.skiparse import pad_sequence, repeat_text
-from megatron_video.parallel.initialize import group_timeout
-from megatron_video.parallel.skiparse_layout import (
+from megatron_video.models.suv_mmdit.skiparse_layout import (
     BlockPlan,
     Geometry,
     Layout,
@@ -47,6 +45,7 @@ from megatron_video.parallel.skiparse_layout import (
     subsequence,
     validate_plan,
 )
+from megatron_video.parallel.initialize import context_parallel_subgroup
 from megatron_video.parallel.ulysses import (
     all_gather_heads,
     all_reduce_sum,
@@ -56,37 +55,12 @@ from megatron_video.parallel.ulysses import (
     seq_to_heads,
 )
 
-_SUBGROUPS: dict[tuple[int, tuple[int, ...]], dist.ProcessGroup] = {}
-
 
 def validate_context_parallel(model_cfg: SUVConfig, cp: int, tp: int, strategy: Strategy = "skiparse",
                               ) -> list[BlockPlan]:
     """Argument-time check of a CP x TP setting for this model; returns the per-block plan or raises
     ValueError (e.g. heads per TP rank not divisible by the Ulysses group size a block needs)."""
     return validate_plan(model_cfg, cp, tp, strategy)
-
-
-def _ulysses_subgroup(size: int) -> dist.ProcessGroup:
-    """The group of `size` consecutive CP ranks this rank belongs to. Collective over the world: every rank
-    creates every such group, in the same order (megatron-style process groups, built once)."""
-    cp_group = mpu.get_context_parallel_group()
-    if size == dist.get_world_size(cp_group):
-        return cp_group
-    mine = tuple(dist.get_process_group_ranks(cp_group))
-    everyone: list[tuple[int, ...] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    found = None
-    for ranks in sorted(set(everyone)):
-        for start in range(0, len(ranks), size):
-            members = ranks[start:start + size]
-            key = (size, members)
-            if key not in _SUBGROUPS:
-                _SUBGROUPS[key] = dist.new_group(list(members), timeout=group_timeout())
-            if dist.get_rank() in members:
-                found = _SUBGROUPS[key]
-    if found is None:
-        raise RuntimeError(f"rank {dist.get_rank()} is in no Ulysses subgroup of size {size}")
-    return found
 
 
 class ContextParallel:
@@ -103,7 +77,7 @@ class ContextParallel:
         self.strategy = strategy
         self.plans = validate_context_parallel(cfg, self.size, tp, strategy)
         sizes = sorted({plan.ulysses for plan in self.plans if plan.ulysses > 1})
-        self.subgroups = {size: _ulysses_subgroup(size) for size in sizes}
+        self.subgroups = {size: context_parallel_subgroup(size) for size in sizes}
 
     def ids(self, layout: Layout, n_pad: int, rank: int | None = None, device: torch.device | None = None) -> Tensor:
         """Token ids a rank holds in `layout` (built once per padded length and device, then reused)."""

@@ -6,7 +6,7 @@ the skiparse-aware layout.
    estimate); the planner's figures for the same run are printed beside them (they must agree).
 2. The released 8.5B layout ([2,4,6,8,6,4,2] / [1,2,4,8,4,2,1], 24 x 128 heads) at 121x576x1024 (latent
    16 x 72 x 128 -> 36,864 tokens, 512 text tokens, bf16, micro-batch 1), from the planner: the same block plans,
-   index maps and all-to-all split sizes the model runs (megatron_video/parallel/cp_comm.py).
+   index maps and all-to-all split sizes the model runs (megatron_video/models/suv_mmdit/cp_comm.py).
 
 "a2a k>=P" counts the all-to-alls issued by blocks whose sparsity k is at least P (their attention and the
 layout change into them); "wire" counts only bytes that leave the rank.
@@ -29,8 +29,8 @@ def _measure_worker(cfg, cp: int, grid_latent: tuple[int, int, int], strategies:
     """One rank: a training step (forward + backward) per strategy; CP-group bytes by collective."""
     from megatron_video.models.suv_mmdit import SUVMMDiT
     from megatron_video.models.suv_mmdit.config import megatron_config
+    from megatron_video.models.suv_mmdit.context_parallel import set_context_parallel_strategy
     from megatron_video.parallel import CommCounter, initialize_parallel, set_seed
-    from megatron_video.parallel.context_parallel import set_context_parallel_strategy
 
     initialize_parallel(context_parallel_size=cp)
     set_seed(1)
@@ -56,7 +56,7 @@ def _measure_worker(cfg, cp: int, grid_latent: tuple[int, int, int], strategies:
 
 
 def _planned(cfg, cp: int, grid: tuple[int, int, int], batch: int, text_len: int, element_bytes: int) -> dict:
-    from megatron_video.parallel.cp_comm import planned_cp_traffic, summarize
+    from megatron_video.models.suv_mmdit.cp_comm import planned_cp_traffic, summarize
 
     return {s: summarize(planned_cp_traffic(cfg, cp, 1, False, grid, batch, text_len, element_bytes, s), cfg, cp)
             for s in STRATEGIES}

@@ -342,7 +342,7 @@ def parse_args(
 
 def validate_model_parallel(args: argparse.Namespace) -> None:
     """Checks that need the model config: the context-parallel plan of every block, the pipeline split."""
-    from megatron_video.parallel.context_parallel import validate_context_parallel
+    from megatron_video.models.suv_mmdit.context_parallel import validate_context_parallel
 
     cfg = args.model_config
     if args.context_parallel_size > 1:

@@ -44,9 +44,9 @@ def train_step_worker(cfg, weights, inputs_list, variants, count_bytes: bool = F
 
     from megatron_video.models.suv_mmdit import SUVMMDiT
     from megatron_video.models.suv_mmdit.config import megatron_config
+    from megatron_video.models.suv_mmdit.context_parallel import set_context_parallel_strategy
     from megatron_video.models.suv_mmdit.state_dict_adapter import load_released, to_released
     from megatron_video.parallel import CommCounter, initialize_parallel
-    from megatron_video.parallel.context_parallel import set_context_parallel_strategy
 
     if weights is None:  # every rank draws the same released-name weights from a TP = 1 model
         from tests.test_suv_tp import random_released_weights

@@ -63,7 +63,7 @@ def _check_against_reference(results: list[list[dict]], variants: list[tuple], s
 
 def _check_bytes(results: list[list[dict]], cfg, variants: list[tuple], shapes: list[str]) -> None:
     """TP = 1 variants: CommCounter's payload per (collective, group size) equals the planner's."""
-    from megatron_video.parallel.cp_comm import planned_cp_traffic
+    from megatron_video.models.suv_mmdit.cp_comm import planned_cp_traffic
 
     by_variant = _by_variant(results)
     for variant in variants:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from megatron_video.models.suv_mmdit import suv_config
-from megatron_video.parallel.context_parallel import validate_context_parallel
-from megatron_video.parallel.cp_comm import planned_cp_traffic, summarize
-from megatron_video.parallel.skiparse_layout import (
+from megatron_video.models.suv_mmdit.context_parallel import validate_context_parallel
+from megatron_video.models.suv_mmdit.cp_comm import planned_cp_traffic, summarize
+from megatron_video.models.suv_mmdit.skiparse_layout import (
     CONTIGUOUS,
     Geometry,
     Layout,

@@ -9,6 +9,9 @@ Backends (each optional package is imported lazily, behind a capability check):
 - "flash_varlen": flash-attn's varlen kernel on CUDA in fp16/bf16; invalid keys are dropped by packing.
 - "npu_fusion": torch_npu.npu_fusion_attention in the varlen (TND) layout on Ascend.
 
+`key_valid=None` means every key is valid (nothing padded, known on the host): no mask is built or passed, so
+SDPA may pick its flash kernel and flash-attn runs its dense (non-varlen) path.
+
 A sample must have at least one valid key per attention problem; the model guarantees it by requiring one
 valid text token per sample.
 """
@@ -104,8 +107,14 @@ def _pack_keys(k, v, key_valid):
 def _flash_varlen(q, k, v, key_valid, scale):
     """flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...): q/k/v
     (total, heads, d), int32 cumulative lengths (B + 1); max_seqlen_* only bound the kernel grid, so the static
-    S_q / S_k serve without a host read (flash-attention flash_attn/flash_attn_interface.py)."""
+    S_q / S_k serve without a host read (flash-attention flash_attn/flash_attn_interface.py). With every key
+    valid (`key_valid` None) the dense flash_attn_func(q, k, v, dropout_p, softmax_scale, causal) on
+    (B, S, heads, d) runs instead: no packing, no cumulative lengths (same interface file)."""
     flash_attn = importlib.import_module("flash_attn")
+    if key_valid is None:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (B, S, h, d)
+        out = flash_attn.flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=False)
+        return out.transpose(0, 1)
     s_q, b = q.shape[0], q.shape[1]
     q_packed = q.transpose(0, 1).reshape(b * s_q, *q.shape[2:])
     cu_q = torch.arange(0, (b + 1) * s_q, s_q, dtype=torch.int32, device=q.device)

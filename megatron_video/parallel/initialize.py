@@ -86,6 +86,36 @@ def destroy_parallel() -> None:
         mpu.destroy_model_parallel()
 
 
+# Subgroups of the CP group, built once per (size, members) and shared by every model that asks.
+_CP_SUBGROUPS: dict[tuple[int, tuple[int, ...]], dist.ProcessGroup] = {}
+
+
+def context_parallel_subgroup(size: int) -> dist.ProcessGroup:
+    """The group of `size` consecutive CP ranks this rank belongs to (e.g. Ulysses inside a part of the CP
+    group). Collective over the world: every rank creates every such group, in the same order
+    (megatron-style process groups, built once)."""
+    from megatron.core import parallel_state as mpu
+
+    cp_group = mpu.get_context_parallel_group()
+    if size == dist.get_world_size(cp_group):
+        return cp_group
+    mine = tuple(dist.get_process_group_ranks(cp_group))
+    everyone: list[tuple[int, ...] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    found = None
+    for ranks in sorted(set(everyone)):
+        for start in range(0, len(ranks), size):
+            members = ranks[start:start + size]
+            key = (size, members)
+            if key not in _CP_SUBGROUPS:
+                _CP_SUBGROUPS[key] = dist.new_group(list(members), timeout=group_timeout())
+            if dist.get_rank() in members:
+                found = _CP_SUBGROUPS[key]
+    if found is None:
+        raise RuntimeError(f"rank {dist.get_rank()} is in no context-parallel subgroup of size {size}")
+    return found
+
+
 def parallel_layout() -> dict[str, int | list[int]]:
     """This rank's coordinates and the members of each of its groups."""
     from megatron.core import parallel_state as mpu

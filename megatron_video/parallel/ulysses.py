@@ -94,7 +94,8 @@ class _Redistribute(torch.autograd.Function):
 
 
 def redistribute(x: Tensor, plan, group: Group) -> Tensor:
-    """Move rows between CP ranks by a `skiparse_layout.Redistribution` (one all-to-all of one tensor)."""
+    """Move rows between CP ranks by `plan` (one all-to-all of one tensor): any object with `send_order`,
+    `send_counts`, `recv_index` and `recv_counts`, e.g. the SUV model's `skiparse_layout.Redistribution`."""
     return _Redistribute.apply(x, plan, group)
 
 

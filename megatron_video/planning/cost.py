@@ -5,7 +5,7 @@ Per device and global batch (DESIGN §14; e = 2 bytes, s = tokens a CP rank hold
   again for recomputed parts, split over TP x CP, at `peak x compute_efficiency`;
 - TP + Megatron-SP: 8·b·s·h·e·(t−1)/t per block (all-gathers and reduce-scatters of attention and FFN), one
   more forward's share for recompute (x1.25 selective: the FFN half; x1.5 full);
-- CP: the wire bytes of every CP collective the model issues, from `parallel/cp_comm.planned_cp_traffic`
+- CP: the wire bytes of every CP collective the model issues, from `models/suv_mmdit/cp_comm.planned_cp_traffic`
   (the same block plans, index maps and redistributions the model runs; checked against CommCounter there):
   Ulysses all-to-alls of q, k, v, out within each block's Ulysses group, hidden-state all-to-alls at layout
   changes, text-head gathers; `cp_block_bytes` is the closed form (Ulysses: 8·b·s·h·e·(P−1)/P² per device);
@@ -86,7 +86,7 @@ def cp_wire_bytes(cfg: SUVConfig, cp: int, tp: int, grid: tuple[int, int, int], 
     blocks = [0.0] * cfg.num_blocks
     if cp == 1:
         return tuple(blocks), 0.0
-    from megatron_video.parallel.cp_comm import planned_cp_traffic
+    from megatron_video.models.suv_mmdit.cp_comm import planned_cp_traffic
 
     exit_bytes = 0.0
     for c in planned_cp_traffic(cfg, cp, tp, tp > 1, grid, 1, text_tokens, BF16, strategy):  # type: ignore[arg-type]

@@ -103,7 +103,7 @@ def _reject_reason(cfg: SUVConfig, shape: VideoShape, global_batch: int, world: 
         latent_t = shape.latent_thw()[0]
         if latent_t % p != 0:
             return "latent frames not divisible by CP"
-        from megatron_video.parallel.skiparse_layout import validate_plan
+        from megatron_video.models.suv_mmdit.skiparse_layout import validate_plan
 
         try:
             validate_plan(cfg, p, t, layout.cp_strategy)  # type: ignore[arg-type]

@@ -94,7 +94,10 @@ class BatchEncoder:
         else:
             raise RuntimeError("the batch has no cached text embeddings and no --t5-path/--clip-path was given")
         to = dict(device=self.device)
+        # every caption fills the text length: read from the host copy (a cache batch), never from the device
+        all_valid = mask.device.type == "cpu" and bool(mask.all())
         return {"x0": x0.to(**to).float(), "t5_hidden": t5.to(**to), "t5_mask": mask.to(**to),
+                "t5_all_valid": all_valid,
                 "clip_pooled": pooled.to(**to), "sample_id": batch["sample_id"],
                 "sampler_position": batch.get("sampler_position"),
                 **({"video": batch["video"]} if self.keep_video and "video" in batch else {})}

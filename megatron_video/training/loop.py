@@ -152,10 +152,12 @@ def t2v_inputs(batch: dict[str, torch.Tensor], sample: Any) -> dict[str, torch.T
     x_t = sample.x_t
     b, _, t, h, w = x_t.shape
     valid = torch.ones(b, t, h, w, dtype=torch.bool, device=x_t.device)  # one shape per batch: all valid
+    # masks of None tell the model every token is valid (known here on the host), so attention needs no mask
+    text_mask = None if batch.get("t5_all_valid") else batch["t5_mask"][:, None]
     return {
         "hidden_states": x_t, "timestep": sample.timestep, "encoder_hidden_states": batch["t5_hidden"][:, None],
-        "pooled_projections": batch["clip_pooled"][:, None], "attention_mask": valid,
-        "encoder_attention_mask": batch["t5_mask"][:, None], "loss_mask": valid,
+        "pooled_projections": batch["clip_pooled"][:, None], "attention_mask": None,
+        "encoder_attention_mask": text_mask, "loss_mask": valid,
     }
 
 

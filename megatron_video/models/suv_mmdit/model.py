@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from megatron_video.models.attention import attention
 from megatron_video.models.suv_mmdit.config import BlockSpec, SUVConfig
+from megatron_video.models.suv_mmdit.context_parallel import attach_context_parallel
 from megatron_video.models.suv_mmdit.layers import (
     HeadRMSNorm,
     LayerNorm,
@@ -41,7 +42,7 @@ from megatron_video.models.suv_mmdit.layers import (
 )
 from megatron_video.models.suv_mmdit.pipeline import CarryLayout, PipelineStage, pack_carry, unpack_carry, whole_model
 from megatron_video.models.suv_mmdit.rope import apply_rope, rope_cos_sin
-from megatron_video.models.suv_mmdit.skiparse import joint_attention, pad_sequence
+from megatron_video.models.suv_mmdit.skiparse import joint_attention, pad_sequence, valid_or_all
 
 # ---------------------------------------------------------------------------------------------- embeddings
 
@@ -228,7 +229,7 @@ class SUVBlock(nn.Module):
             if module is not None:
                 mark_sequence_parallel(module, config)
         self.recompute_ffn = False  # selective recompute (set by the model from the Megatron flags)
-        self.context_parallel = None  # parallel/context_parallel.py BlockContext when CP > 1 (set by the model)
+        self.context_parallel = None  # context_parallel.py BlockContext when CP > 1 (set by the model)
 
     def attention_half(self, x: Tensor, c: Tensor, temb: Tensor, rope_cos: Tensor, rope_sin: Tensor,
                        video_valid: Tensor, text_valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -372,8 +373,6 @@ class SUVMMDiT(nn.Module):
             part(1 + cfg.num_blocks)
             self.final = FinalLayer(cfg, config)
         self.recompute_blocks = self._configure_recompute(config)
-        from megatron_video.parallel.context_parallel import attach_context_parallel  # (import cycle)
-
         self.context_parallel = attach_context_parallel(cfg, config, self.blocks)  # None unless CP > 1
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor | None] | None) -> None:
@@ -406,7 +405,8 @@ class SUVMMDiT(nn.Module):
         raise ValueError(f"full recompute supports method 'uniform' with 1 layer or 'block'; got {method!r}, {n}")
 
     def check_inputs(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
-                     pooled_projections: Tensor, attention_mask: Tensor, encoder_attention_mask: Tensor) -> None:
+                     pooled_projections: Tensor, attention_mask: Tensor | None,
+                     encoder_attention_mask: Tensor | None) -> None:
         cfg = self.cfg
         channels = cfg.in_channels + cfg.condition_channels
         if hidden_states.dim() != 5 or hidden_states.shape[1] != channels:
@@ -414,7 +414,7 @@ class SUVMMDiT(nn.Module):
         b, _, t, h, w = hidden_states.shape
         if h % cfg.patch_size or w % cfg.patch_size:
             raise ValueError(f"latent H, W ({h}, {w}) must be multiples of the patch size {cfg.patch_size}")
-        if tuple(attention_mask.shape) != (b, t, h, w):
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, t, h, w):
             raise ValueError(f"attention_mask must be (B, T, H, W) = {(b, t, h, w)}, got {tuple(attention_mask.shape)}")
         if tuple(timestep.shape) != (b,):
             raise ValueError(f"timestep must be (B,) = ({b},), got {tuple(timestep.shape)}")
@@ -423,6 +423,8 @@ class SUVMMDiT(nn.Module):
         if encoder_hidden_states.shape[0] != b or encoder_hidden_states.shape[-1] != cfg.caption_channels:
             raise ValueError(f"encoder_hidden_states must be (B, 1, L, {cfg.caption_channels})")
         text_len = encoder_hidden_states.shape[-2]
+        if encoder_attention_mask is None:  # every text token valid
+            return
         if encoder_attention_mask.numel() != b * text_len:
             raise ValueError(f"encoder_attention_mask must hold B x L = {b} x {text_len} entries")
         # checked on the device without waiting for it (a host read here would stall every forward); on CPU the
@@ -443,25 +445,47 @@ class SUVMMDiT(nn.Module):
         c = self.caption_projection(text.to(self.caption_projection.weight.dtype))
         return x, c, temb
 
-    def split_sequence(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor], video_valid: Tensor,
-                       text_valid: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor, Tensor]:
+    def split_sequence(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor], video_valid: Tensor | None,
+                       text_valid: Tensor | None,
+                       ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor | None, Tensor | None]:
         """Sequence parallelism: pad both streams to a multiple of the TP size with invalid tokens (masked as
         keys, outputs dropped, so they change nothing) and keep this rank's shard of each."""
         rope, video_valid, text_valid = self.pad_for_sequence_parallel(rope, video_valid, text_valid)
-        x, c = pad_sequence(x, video_valid.shape[1]), pad_sequence(c, text_valid.shape[1])
+        tp = tp_world_size()
+        x, c = pad_sequence(x, rope[0].shape[0]), pad_sequence(c, c.shape[0] + (-c.shape[0]) % tp)
         x, c = scatter_to_sequence_parallel_region(x), scatter_to_sequence_parallel_region(c)
         return x, c, rope, video_valid, text_valid
 
-    def pad_for_sequence_parallel(self, rope: tuple[Tensor, ...], video_valid: Tensor, text_valid: Tensor,
-                                  ) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
-        """RoPE and key validity padded to the multiple of TP that `split_sequence` pads the streams to."""
+    def pad_for_sequence_parallel(self, rope: tuple[Tensor, ...], video_valid: Tensor | None,
+                                  text_valid: Tensor | None,
+                                  ) -> tuple[tuple[Tensor, ...], Tensor | None, Tensor | None]:
+        """RoPE and key validity padded to the multiple of TP that `split_sequence` pads the streams to (a
+        validity of None comes only with shapes that need no padding: `key_validity`)."""
         tp = tp_world_size()
-        n, text_len = video_valid.shape[1], text_valid.shape[1]
-        n, text_len = n + (-n) % tp, text_len + (-text_len) % tp
-        rope = tuple(pad_sequence(r, n) for r in rope)
-        video_valid = pad_sequence(video_valid.t(), n, False).t()
-        text_valid = pad_sequence(text_valid.t(), text_len, False).t()
+        n = rope[0].shape[0]
+        rope = tuple(pad_sequence(r, n + (-n) % tp) for r in rope)
+        if video_valid is not None:
+            video_valid = pad_sequence(video_valid.t(), rope[0].shape[0], False).t()
+        if text_valid is not None:
+            text_valid = pad_sequence(text_valid.t(), text_valid.shape[1] + (-text_valid.shape[1]) % tp, False).t()
         return rope, video_valid, text_valid
+
+    def key_validity(self, attention_mask: Tensor | None, encoder_attention_mask: Tensor | None, b: int,
+                     n: int, text_len: int, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """Key validity (B, N) of the video and (B, L) of the text tokens; a mask of None means every token is
+        valid (known on the host when the batch is built). Both None when no mask is given and neither
+        Megatron-SP nor CP pads this shape: the attention kernels then run without a mask (skiparse padding is
+        the attention's own, per block). Decided from shapes: no host read."""
+        tp = tp_world_size() if sequence_parallel_on(self.config) else 1
+        if self.context_parallel is not None:
+            padded = self.context_parallel.geometry.padded_tokens(n) != n or text_len % tp != 0
+        else:
+            padded = n % tp != 0 or text_len % tp != 0
+        if attention_mask is None and encoder_attention_mask is None and not padded:
+            return None, None
+        video = None if attention_mask is None else video_token_validity(attention_mask, self.cfg.patch_size)
+        text = None if encoder_attention_mask is None else encoder_attention_mask.reshape(b, -1) > 0
+        return valid_or_all(video, b, n, device), valid_or_all(text, b, text_len, device)
 
     def run_blocks(self, x: Tensor, c: Tensor, temb: Tensor, rope: tuple[Tensor, ...], video_valid: Tensor,
                    text_valid: Tensor) -> Tensor:
@@ -509,18 +533,21 @@ class SUVMMDiT(nn.Module):
 
     def forward(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-        pooled_projections: torch.Tensor, attention_mask: torch.Tensor, encoder_attention_mask: torch.Tensor,
+        pooled_projections: torch.Tensor, attention_mask: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | None,
     ) -> torch.Tensor:
+        """Masks of None: every latent / text token is valid (the attention runs without a mask when nothing
+        else pads)."""
         self.check_inputs(hidden_states, timestep, encoder_hidden_states, pooled_projections, attention_mask,
                           encoder_attention_mask)
         cfg = self.cfg
         b, _, t, h, w = hidden_states.shape
         grid = (t, h // cfg.patch_size, w // cfg.patch_size)
-        video_valid = video_token_validity(attention_mask, cfg.patch_size)
-        text_valid = encoder_attention_mask.reshape(b, -1) > 0
         rope = rope_cos_sin(grid, cfg.head_dim, cfg.rope_base, hidden_states.device)
         n = grid[0] * grid[1] * grid[2]
         text_len = encoder_hidden_states.shape[-2]
+        video_valid, text_valid = self.key_validity(attention_mask, encoder_attention_mask, b, n, text_len,
+                                                    hidden_states.device)
         sequence_parallel = sequence_parallel_on(self.config)
         if self.pre_process:
             x, c, temb = self.embed(hidden_states, timestep, encoder_hidden_states, pooled_projections)

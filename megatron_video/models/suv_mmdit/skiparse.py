@@ -82,29 +82,42 @@ def skiparse_layout_valid(video_valid: torch.Tensor, k: int, mode: AttentionMode
     return to_skiparse(v, k, mode).t()
 
 
+def valid_or_all(valid: torch.Tensor | None, b: int, n: int, device: torch.device) -> torch.Tensor:
+    """`valid`, or (B, N) all True for None (built on the device from shapes: no host read)."""
+    return valid if valid is not None else torch.ones(b, n, dtype=torch.bool, device=device)
+
+
 def joint_attention(
     q_video: torch.Tensor, k_video: torch.Tensor, v_video: torch.Tensor,
     q_text: torch.Tensor | None, k_text: torch.Tensor, v_text: torch.Tensor,
-    video_valid: torch.Tensor, text_valid: torch.Tensor,
+    video_valid: torch.Tensor | None, text_valid: torch.Tensor | None,
     *, k: int, mode: AttentionMode, scale: float, attn_fn: AttentionFn,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Joint attention of [video ; text] queries over [video ; text] keys, dense (k = 1) or skiparse.
 
     q/k/v: (S, B, heads, head_dim), video first; `q_text` may be None (the last block needs no text output).
-    video_valid (B, N) and text_valid (B, L) are boolean key-validity vectors. Returns (video out, text out).
+    video_valid (B, N) and text_valid (B, L) are boolean key-validity vectors, or both None when every token is
+    valid: then, unless this pattern pads the sequence, the kernel runs without a mask. Returns (video out,
+    text out).
     """
-    n = q_video.shape[0]
+    n, b = q_video.shape[0], q_video.shape[1]
+    dense = video_valid is None and text_valid is None and (k == 1 or padded_length(n, k) == n)
+    if not dense:
+        video_valid = valid_or_all(video_valid, b, n, q_video.device)
+        text_valid = valid_or_all(text_valid, b, k_text.shape[0], q_video.device)
     if k > 1:
         n_p = padded_length(n, k)
         q_video, k_video, v_video = (to_skiparse(pad_sequence(t, n_p), k, mode) for t in (q_video, k_video, v_video))
-        video_valid = skiparse_layout_valid(video_valid, k, mode)
         q_text = repeat_text(q_text, k) if q_text is not None else None
-        k_text, v_text, text_valid = repeat_text(k_text, k), repeat_text(v_text, k), text_valid.repeat(k, 1)
+        k_text, v_text = repeat_text(k_text, k), repeat_text(v_text, k)
+        if not dense:
+            video_valid, text_valid = skiparse_layout_valid(video_valid, k, mode), text_valid.repeat(k, 1)
     n_video_q = q_video.shape[0]
     q = q_video if q_text is None else torch.cat([q_video, q_text], dim=0)
     key = torch.cat([k_video, k_text], dim=0)
     value = torch.cat([v_video, v_text], dim=0)
-    out = attn_fn(q, key, value, torch.cat([video_valid, text_valid], dim=1), scale=scale)
+    key_valid = None if dense else torch.cat([video_valid, text_valid], dim=1)
+    out = attn_fn(q, key, value, key_valid, scale=scale)
     out_video, out_text = out[:n_video_q], (out[n_video_q:] if q_text is not None else None)
     if k > 1:
         out_video = from_skiparse(out_video, k, mode)[:n]
@@ -114,5 +127,5 @@ def joint_attention(
 
 __all__ = [
     "AttentionFn", "average_text", "from_skiparse", "joint_attention", "pad_sequence", "padded_length",
-    "repeat_text", "skiparse_layout_valid", "to_skiparse",
+    "repeat_text", "skiparse_layout_valid", "to_skiparse", "valid_or_all",
 ]

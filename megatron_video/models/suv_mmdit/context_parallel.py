@@ -1,6 +1,6 @@
 """Skiparse-aware sequence parallelism over megatron's context-parallel (CP) group, with Ulysses as baseline.
 
-How the SUV model runs under CP (see skiparse_layout.py for the index maps, ulysses.py for the collectives):
+How the SUV model runs under CP (see skiparse_layout.py for the index maps, parallel/ulysses.py for the collectives):
 - Every CP rank gets the whole micro-batch (same latent, noise and text as its CP peers). The model embeds it,
   keeps its own video tokens (`split_inputs`) and returns the whole output on every rank (`gather_output`),
   so the loss is computed in full on each rank and the training loop needs no change.
@@ -25,7 +25,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core import parallel_state as mpu
@@ -33,9 +32,8 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, 
 from torch import Tensor, nn
 
 from megatron_video.models.suv_mmdit.config import SUVConfig
-from megatron_video.models.suv_mmdit.skiparse import pad_sequence, repeat_text
-from megatron_video.parallel.initialize import group_timeout
-from megatron_video.parallel.skiparse_layout import (
+from megatron_video.models.suv_mmdit.skiparse import pad_sequence, repeat_text, valid_or_all
+from megatron_video.models.suv_mmdit.skiparse_layout import (
     BlockPlan,
     Geometry,
     Layout,
@@ -47,6 +45,7 @@ from megatron_video.parallel.skiparse_layout import (
     subsequence,
     validate_plan,
 )
+from megatron_video.parallel.initialize import context_parallel_subgroup
 from megatron_video.parallel.ulysses import (
     all_gather_heads,
     all_reduce_sum,
@@ -56,37 +55,12 @@ from megatron_video.parallel.ulysses import (
     seq_to_heads,
 )
 
-_SUBGROUPS: dict[tuple[int, tuple[int, ...]], dist.ProcessGroup] = {}
-
 
 def validate_context_parallel(model_cfg: SUVConfig, cp: int, tp: int, strategy: Strategy = "skiparse",
                               ) -> list[BlockPlan]:
     """Argument-time check of a CP x TP setting for this model; returns the per-block plan or raises
     ValueError (e.g. heads per TP rank not divisible by the Ulysses group size a block needs)."""
     return validate_plan(model_cfg, cp, tp, strategy)
-
-
-def _ulysses_subgroup(size: int) -> dist.ProcessGroup:
-    """The group of `size` consecutive CP ranks this rank belongs to. Collective over the world: every rank
-    creates every such group, in the same order (megatron-style process groups, built once)."""
-    cp_group = mpu.get_context_parallel_group()
-    if size == dist.get_world_size(cp_group):
-        return cp_group
-    mine = tuple(dist.get_process_group_ranks(cp_group))
-    everyone: list[tuple[int, ...] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    found = None
-    for ranks in sorted(set(everyone)):
-        for start in range(0, len(ranks), size):
-            members = ranks[start:start + size]
-            key = (size, members)
-            if key not in _SUBGROUPS:
-                _SUBGROUPS[key] = dist.new_group(list(members), timeout=group_timeout())
-            if dist.get_rank() in members:
-                found = _SUBGROUPS[key]
-    if found is None:
-        raise RuntimeError(f"rank {dist.get_rank()} is in no Ulysses subgroup of size {size}")
-    return found
 
 
 class ContextParallel:
@@ -103,7 +77,7 @@ class ContextParallel:
         self.strategy = strategy
         self.plans = validate_context_parallel(cfg, self.size, tp, strategy)
         sizes = sorted({plan.ulysses for plan in self.plans if plan.ulysses > 1})
-        self.subgroups = {size: _ulysses_subgroup(size) for size in sizes}
+        self.subgroups = {size: context_parallel_subgroup(size) for size in sizes}
 
     def ids(self, layout: Layout, n_pad: int, rank: int | None = None, device: torch.device | None = None) -> Tensor:
         """Token ids a rank holds in `layout` (built once per padded length and device, then reused)."""
@@ -125,26 +99,30 @@ class ContextParallel:
 
     # ---------------------------------------------------------------------------- model entry and exit
 
-    def pad_inputs(self, rope: tuple[Tensor, ...], video_valid: Tensor, text_valid: Tensor,
-                   ) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
-        """Whole-sequence RoPE and key validity padded to the CP padding (text to the TP multiple under SP)."""
-        n_pad = self.geometry.padded_tokens(video_valid.shape[1])
+    def pad_inputs(self, rope: tuple[Tensor, ...], video_valid: Tensor | None, text_valid: Tensor | None,
+                   ) -> tuple[tuple[Tensor, ...], Tensor | None, Tensor | None]:
+        """Whole-sequence RoPE and key validity padded to the CP padding (text to the TP multiple under SP).
+        A validity of None (every token valid) stays None: the model passes None only for shapes this padding
+        leaves unchanged (`SUVMMDiT.key_validity`)."""
+        n_pad = self.geometry.padded_tokens(rope[0].shape[0])
         rope = tuple(pad_sequence(r, n_pad) for r in rope)
-        video_valid = pad_sequence(video_valid.t(), n_pad, False).t()
-        if self.sequence_parallel:
+        if video_valid is not None:
+            video_valid = pad_sequence(video_valid.t(), n_pad, False).t()
+        if self.sequence_parallel and text_valid is not None:
             text_len = text_valid.shape[1] + (-text_valid.shape[1]) % self.tp
             text_valid = pad_sequence(text_valid.t(), text_len, False).t()
         return rope, video_valid, text_valid
 
-    def split_inputs(self, x: Tensor, c: Tensor, rope: tuple[Tensor, ...], video_valid: Tensor, text_valid: Tensor,
-                     ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor, Tensor]:
+    def split_inputs(self, x: Tensor, c: Tensor, rope: tuple[Tensor, ...], video_valid: Tensor | None,
+                     text_valid: Tensor | None,
+                     ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor | None, Tensor | None]:
         """Whole embedded streams -> this rank's video tokens in the first block's layout (and its TP slot
         under SP); text stays whole over CP."""
         rope, video_valid, text_valid = self.pad_inputs(rope, video_valid, text_valid)
-        n_pad = video_valid.shape[1]
+        n_pad = rope[0].shape[0]
         x = pad_sequence(x, n_pad).index_select(0, self.ids(self.plans[0].layout, n_pad, device=x.device))
         if self.sequence_parallel:
-            c = pad_sequence(c, text_valid.shape[1])
+            c = pad_sequence(c, c.shape[0] + (-c.shape[0]) % self.tp)
             x, c = scatter_to_sequence_parallel_region(x), scatter_to_sequence_parallel_region(c)
         return x, c, rope, video_valid, text_valid
 
@@ -217,12 +195,14 @@ class BlockContext:
 
     def attention(
         self, q_video: Tensor, k_video: Tensor, v_video: Tensor, q_text: Tensor | None, k_text: Tensor,
-        v_text: Tensor, video_valid: Tensor, text_valid: Tensor, *, k: int, mode: str, scale: float, attn_fn,
+        v_text: Tensor, video_valid: Tensor | None, text_valid: Tensor | None, *, k: int, mode: str, scale: float,
+        attn_fn,
     ) -> tuple[Tensor, Tensor | None]:
         """Drop-in for `skiparse.joint_attention` on this rank's tokens (the block layout's local list) with
-        whole-sequence `video_valid` (B, n_pad). Same result as the single-device attention."""
+        whole-sequence `video_valid` (B, n_pad), or both validities None when every token is valid and nothing
+        is padded (the kernel then runs without a mask). Same result as the single-device attention."""
         cp, plan = self.cp, self.plan
-        n_pad, d = video_valid.shape[1], plan.ulysses
+        n_pad, d = q_video.shape[0] * cp.size, plan.ulysses  # this rank's tokens (TP-gathered under SP)
         group = cp.subgroups.get(d)
         index = cp.rank % d
         if d > 1:
@@ -241,14 +221,19 @@ class BlockContext:
             t = t.index_select(0, order).reshape(num_sub, length, *t.shape[1:])
             return t.transpose(0, 1).reshape(length, num_sub * b, *t.shape[3:])
 
-        valid = video_valid[:, sorted_ids].reshape(b, num_sub, length)
-        valid = valid.transpose(0, 1).reshape(num_sub * b, length)
+        key_valid = None
+        if video_valid is not None or text_valid is not None:
+            video_valid = valid_or_all(video_valid, b, n_pad, q_video.device)
+            text_valid = valid_or_all(text_valid, b, k_text.shape[0], q_video.device)
+            valid = video_valid[:, sorted_ids].reshape(b, num_sub, length)
+            valid = valid.transpose(0, 1).reshape(num_sub * b, length)
+            key_valid = torch.cat([valid, text_valid.repeat(num_sub, 1)], dim=1)
         q, key, value = grouped(q_video), grouped(k_video), grouped(v_video)
         if q_text is not None:
             q = torch.cat([q, repeat_text(q_text, num_sub)], dim=0)
         key = torch.cat([key, repeat_text(k_text, num_sub)], dim=0)
         value = torch.cat([value, repeat_text(v_text, num_sub)], dim=0)
-        out = attn_fn(q, key, value, torch.cat([valid, text_valid.repeat(num_sub, 1)], dim=1), scale=scale)
+        out = attn_fn(q, key, value, key_valid, scale=scale)
         out_video = out[:length].reshape(length, num_sub, b, *out.shape[2:]).transpose(0, 1)
         out_video = out_video.reshape(num_sub * length, b, *out.shape[2:])
         out_video = out_video.index_select(0, inverse)

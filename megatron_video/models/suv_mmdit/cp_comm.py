@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_video.models.suv_mmdit.config import SUVConfig
-from megatron_video.parallel.skiparse_layout import (
+from megatron_video.models.suv_mmdit.skiparse_layout import (
     Geometry,
     Layout,
     Strategy,

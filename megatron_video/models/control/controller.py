@@ -38,7 +38,7 @@ class ControlConfig:
     """The controller's architecture. The downsampling factors are the video VAE's (pixel frames 1 + 4m ->
     latent frames 1 + m, 8x8 pixels -> one latent pixel)."""
 
-    signal_channels: int = 3  # channels of the structure video (canny/sketch maps are repeated to 3, as images)
+    signal_channels: int = 1  # channels of the structure video (control/signals.py maps have one)
     temporal_downsample: int = 4
     spatial_downsample: int = 8
     conv_channels: int = 64

@@ -18,7 +18,6 @@ it does for the base model.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -41,16 +40,12 @@ class ControlConfig:
     signal_channels: int = 1  # channels of the structure video (control/signals.py maps have one)
     temporal_downsample: int = 4
     spatial_downsample: int = 8
-    conv_channels: int = 64
+    conv_channels: int = 32  # of the convolutions at the latent grid
     num_blocks: int = 2  # K
 
     def __post_init__(self) -> None:
-        for name in ("temporal_downsample", "spatial_downsample"):
-            factor = getattr(self, name)
-            if factor < 1 or factor & (factor - 1):
-                raise ValueError(f"{name} must be a power of two, got {factor}")
-        if self.temporal_downsample > self.spatial_downsample:
-            raise ValueError("temporal_downsample cannot exceed spatial_downsample (one conv halves both)")
+        if self.temporal_downsample < 1 or self.spatial_downsample < 1:
+            raise ValueError("temporal_downsample and spatial_downsample must be >= 1")
         if self.signal_channels < 1 or self.conv_channels < 1 or self.num_blocks < 0:
             raise ValueError("signal_channels and conv_channels must be >= 1, num_blocks >= 0")
 
@@ -60,31 +55,28 @@ class ControlConfig:
         return (t - 1) * self.temporal_downsample + 1, h * self.spatial_downsample, w * self.spatial_downsample
 
 
-class Downsample(nn.Module):
-    """3x3x3 convolution halving H and W (and T when `temporal`, causally: frames 1 + 2m -> 1 + m), then SiLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, temporal: bool, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.temporal = temporal
-        self.conv = nn.Conv3d(in_channels, out_channels, 3, stride=(2 if temporal else 1, 2, 2),
-                              padding=(0, 1, 1), dtype=dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        front = 2 if self.temporal else 1  # causal: the first frame sees only itself (and the padding)
-        back = 0 if self.temporal else 1
-        return F.silu(self.conv(F.pad(x, (0, 0, 0, 0, front, back))))
+def space_to_depth(video: Tensor, ft: int, fs: int) -> Tensor:
+    """(B, C, 1 + ft*m, H, W) -> (B, C*ft*fs*fs, 1 + m, H/fs, W/fs): the first frame padded in front by ft - 1
+    copies of itself, so it forms a latent frame of its own (as the causal video VAE's first frame)."""
+    b, c, t, h, w = video.shape
+    video = torch.cat([video[:, :, :1].expand(b, c, ft - 1, h, w), video], dim=2)
+    x = video.reshape(b, c, (t + ft - 1) // ft, ft, h // fs, fs, w // fs, fs)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * ft * fs * fs, (t + ft - 1) // ft, h // fs, w // fs)
 
 
 class StructureEncoder(nn.Module):
-    """E: structure video (B, C, T, H, W) -> R (N, B, hidden), tokens in the base's (t, h, w) order."""
+    """E: structure video (B, C, T, H, W) -> R (N, B, hidden), tokens in the base's (t, h, w) order.
+    The downsampling is a space-to-depth to the latent grid followed by a 1x1x1 and a 3x3x3 convolution (the
+    pixel-rate work is a reshape: at small models a strided conv stack at pixel resolution costs more than the
+    whole denoiser), then the base's patch size as a strided convolution."""
 
     def __init__(self, control: ControlConfig, cfg: SUVConfig, config: ModelParallelConfig) -> None:
         super().__init__()
         dtype, ch = config.params_dtype, control.conv_channels
         self.control, self.patch = control, cfg.patch_size
-        self.conv_in = nn.Conv3d(control.signal_channels, ch, 3, padding=1, dtype=dtype)
-        n_spatial, n_temporal = int(math.log2(control.spatial_downsample)), int(math.log2(control.temporal_downsample))
-        self.down = nn.ModuleList(Downsample(ch, ch, i < n_temporal, dtype) for i in range(n_spatial))
+        folded = control.signal_channels * control.temporal_downsample * control.spatial_downsample ** 2
+        self.conv_in = nn.Conv3d(folded, ch, 1, dtype=dtype)
+        self.conv_mid = nn.Conv3d(ch, ch, 3, padding=1, dtype=dtype)
         p = cfg.patch_size
         self.patch_embed = nn.Conv3d(ch, cfg.hidden_size, (1, p, p), stride=(1, p, p), dtype=dtype)
         # K dense SUV blocks on whole sequences (the controller is small: no sequence parallelism inside it)
@@ -102,9 +94,9 @@ class StructureEncoder(nn.Module):
         if signal.dim() != 5 or signal.shape[1] != self.control.signal_channels or tuple(signal.shape[2:]) != expected:
             raise ValueError(f"structure signal must be (B, {self.control.signal_channels}, *{expected}) for this "
                              f"latent, got {tuple(signal.shape)}")
-        h = F.silu(self.conv_in(signal.to(self.conv_in.weight.dtype)))
-        for down in self.down:
-            h = down(h)
+        folded = space_to_depth(signal.to(self.conv_in.weight.dtype), self.control.temporal_downsample,
+                                self.control.spatial_downsample)
+        h = F.silu(self.conv_mid(F.silu(self.conv_in(folded))))
         tokens = self.patch_embed(h)  # (B, D, t, h', w')
         r = tokens.flatten(2).permute(2, 0, 1)  # (N, B, D), (t, h, w) order
         for block in self.blocks:

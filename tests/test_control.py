@@ -90,6 +90,20 @@ def test_bad_structure_shape_is_a_clear_error(small):
         model(**batch)
 
 
+def test_space_to_depth_gives_the_first_frame_a_latent_frame_of_its_own():
+    """As the causal video VAE: pixel frames 1 + 2m -> latent frames 1 + m, frame 0 alone in latent frame 0."""
+    from megatron_video.models.control.controller import space_to_depth
+
+    video = torch.randn(1, 1, 5, 4, 6)
+    out = space_to_depth(video, 2, 2)
+    assert out.shape == (1, 8, 3, 2, 3)
+    changed = video.clone()
+    changed[:, :, 1:] += 1.0
+    assert torch.equal(space_to_depth(changed, 2, 2)[:, :, 0], out[:, :, 0])
+    assert not torch.equal(space_to_depth(changed, 2, 2)[:, :, 1:], out[:, :, 1:])
+    assert sorted(out[0, :, 2].flatten().tolist()) == sorted(video[0, 0, 3:5].flatten().tolist())
+
+
 # ------------------------------------------------------------------------------------------- multi-rank
 
 # (tp, cp, pp, sequence_parallel, CP strategy); the first (one rank per model replica) is the reference

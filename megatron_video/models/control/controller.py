@@ -172,7 +172,7 @@ class ControlledSUV(nn.Module):
         base.requires_grad_(False)
         self.base = base
         self.controller = StructureController(control, base)
-        self.config, self.model_type = base.config, base.model_type
+        self.cfg, self.config, self.model_type = base.cfg, base.config, base.model_type
         self.pre_process, self.post_process = base.pre_process, base.post_process
         self.share_embeddings_and_output_weights = False
 

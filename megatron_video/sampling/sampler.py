@@ -134,9 +134,11 @@ def predict(model: torch.nn.Module, module: torch.nn.Module, inputs: dict[str, T
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, module: torch.nn.Module, noise: Tensor, text: TextBatch, config: SamplerConfig,
-           negative: TextBatch | None = None, condition: InpaintCondition | None = None) -> Tensor:
+           negative: TextBatch | None = None, condition: InpaintCondition | None = None,
+           structure: Tensor | None = None) -> Tensor:
     """Latents (B, C, T, H, W) from `noise` by Euler steps; `model` is what megatron's schedule runs (DDP or
-    the module), `module` the denoiser."""
+    the module), `module` the denoiser. `structure`: the (B, C, T', H', W') structure video of a structure-
+    controlled denoiser (models/control), given to both guidance branches."""
     b, _, t, h, w = noise.shape
     if len(text) != b:
         raise ValueError(f"{len(text)} prompts for {b} noise samples")
@@ -152,6 +154,8 @@ def sample(model: torch.nn.Module, module: torch.nn.Module, noise: Tensor, text:
         "attention_mask": torch.ones(rows, t, h, w, dtype=torch.bool, device=device),
         "encoder_attention_mask": texts.t5_mask.to(device)[:, None],
     }
+    if structure is not None:
+        extra["structure"] = torch.cat([structure, structure]) if guided else structure
     sigmas = config.sigmas((h, w))
     x = noise.float().clone()
     was_training = module.training

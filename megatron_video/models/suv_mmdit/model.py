@@ -9,8 +9,10 @@ tensor-parallel regions.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,13 @@ from megatron_video.models.suv_mmdit.layers import (
     tp_world_size,
     without_sequence_parallel,
 )
-from megatron_video.models.suv_mmdit.pipeline import CarryLayout, PipelineStage, pack_carry, unpack_carry, whole_model
+from megatron_video.models.suv_mmdit.pipeline import (
+    CarryLayout,
+    PipelineStage,
+    pack_carry,
+    unpack_controlled_carry,
+    whole_model,
+)
 from megatron_video.models.suv_mmdit.rope import apply_rope, rope_cos_sin
 from megatron_video.models.suv_mmdit.skiparse import joint_attention, pad_sequence, valid_or_all
 
@@ -326,6 +334,16 @@ class BlockStack(nn.Module):
         return self._modules[str(index)]
 
 
+class BlockControl(Protocol):
+    """A condition controller's hooks into the forward (models/control): features R from the embedded inputs
+    (whole, natural token order, on the first pipeline stage) and X_j + F_j after block j in X_j's layout."""
+
+    def encode(self, c: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor], video_valid: Tensor | None,
+               text_valid: Tensor | None, grid: tuple[int, int, int]) -> Tensor: ...
+
+    def inject(self, block: SUVBlock, x: Tensor, features: Tensor, n_pad: int) -> Tensor: ...
+
+
 class SUVMMDiT(nn.Module):
     """The denoiser: velocity = model(x_t, sigma * 1000, T5 states, CLIP pooled, masks).
 
@@ -492,10 +510,12 @@ class SUVMMDiT(nn.Module):
         return self.run_stage_blocks(x, c, temb, rope, video_valid, text_valid, [])[0]
 
     def run_stage_blocks(self, x: Tensor, c: Tensor, temb: Tensor, rope: tuple[Tensor, ...], video_valid: Tensor,
-                         text_valid: Tensor, skips: list[tuple[Tensor, Tensor]],
+                         text_valid: Tensor, skips: list[tuple[Tensor, Tensor]], control: BlockControl | None = None,
+                         features: Tensor | None = None,
                          ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
         """This stage's blocks. `skips` is the long-skip stack on entry (LIFO: decoder stage s pops encoder
-        stage S-1-s), empty on the first stage; returns the streams and the stack left for later stages."""
+        stage S-1-s), empty on the first stage; returns the streams and the stack left for later stages.
+        With a `control`, X_j = X_j + F_j after every block (F_j from the controller's `features`)."""
         skips = list(skips)
         for block in self.blocks:
             x_skip, c_skip = skips.pop() if block.spec.skip_in is not None else (None, None)
@@ -504,12 +524,14 @@ class SUVMMDiT(nn.Module):
                 x, c = checkpoint(block, False, *args)
             else:
                 x, c = block(*args)
+            if control is not None:
+                x = control.inject(block, x, features, rope[0].shape[0])
             if block.spec.skip_out:
                 skips.append((x, c))
         return x, c, skips
 
     def carry_layout(self, batch: int, latent_thw: tuple[int, int, int], text_len: int, num_skips: int,
-                     ) -> CarryLayout:
+                     control_rows: int = 0) -> CarryLayout:
         """Layout of the tensor crossing a pipeline boundary of this model for one micro-batch."""
         config = self.config
         wire = config.pipeline_dtype if config.pipeline_dtype is not None else config.params_dtype
@@ -518,26 +540,28 @@ class SUVMMDiT(nn.Module):
             geometry, (t, h, w) = self.context_parallel.geometry, latent_thw
             n = t * (h // self.cfg.patch_size) * (w // self.cfg.patch_size)
             video_rows = geometry.padded_tokens(n) // (geometry.cp * geometry.slots)
-        return CarryLayout.for_batch(self.cfg, num_skips, batch, latent_thw, text_len, tp_world_size(),
-                                     sequence_parallel_on(config), wire, config.params_dtype, self.stage.carry_slots,
-                                     video_rows)
+        layout = CarryLayout.for_batch(self.cfg, num_skips, batch, latent_thw, text_len, tp_world_size(),
+                                       sequence_parallel_on(config), wire, config.params_dtype,
+                                       self.stage.carry_slots, video_rows)
+        return dataclasses.replace(layout, control_rows=control_rows) if control_rows else layout
 
-    def pipeline_shapes(self, batch: int, latent_thw: tuple[int, int, int], text_len: int,
+    def pipeline_shapes(self, batch: int, latent_thw: tuple[int, int, int], text_len: int, control_rows: int = 0,
                         ) -> tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]:
-        """(receive shape, send shape) of this stage for micro-batches of this bucket (None: no p2p)."""
+        """(receive shape, send shape) of this stage for micro-batches of this bucket (None: no p2p);
+        `control_rows`: a controller's features travel too (models/control)."""
         recv = None if self.pre_process else self.carry_layout(batch, latent_thw, text_len,
-                                                               len(self.stage.carried_in)).shape
+                                                               len(self.stage.carried_in), control_rows).shape
         send = None if self.post_process else self.carry_layout(batch, latent_thw, text_len,
-                                                                len(self.stage.carried_out)).shape
+                                                                len(self.stage.carried_out), control_rows).shape
         return recv, send
 
     def forward(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
         pooled_projections: torch.Tensor, attention_mask: torch.Tensor | None,
-        encoder_attention_mask: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | None, control: BlockControl | None = None,
     ) -> torch.Tensor:
         """Masks of None: every latent / text token is valid (the attention runs without a mask when nothing
-        else pads)."""
+        else pads). `control`: a condition controller (models/control) adding its residual after every block."""
         self.check_inputs(hidden_states, timestep, encoder_hidden_states, pooled_projections, attention_mask,
                           encoder_attention_mask)
         cfg = self.cfg
@@ -552,6 +576,7 @@ class SUVMMDiT(nn.Module):
         if self.pre_process:
             x, c, temb = self.embed(hidden_states, timestep, encoder_hidden_states, pooled_projections)
             skips: list[tuple[Tensor, Tensor]] = []
+            features = control.encode(c, temb, rope, video_valid, text_valid, grid) if control is not None else None
             if self.context_parallel is not None:  # keep this CP rank's video tokens (text stays whole)
                 x, c, rope, video_valid, text_valid = self.context_parallel.split_inputs(
                     x, c, rope, video_valid, text_valid)
@@ -560,16 +585,16 @@ class SUVMMDiT(nn.Module):
         else:  # streams, pending long skips and temb arrive from the previous stage
             if self.input_tensor is None:
                 raise RuntimeError("pipeline stage > 0 was called without set_input_tensor (use megatron's schedule)")
-            layout = self.carry_layout(b, (t, h, w), text_len, len(self.stage.carried_in))
-            x, c, skips, temb = unpack_carry(layout, self.input_tensor)
+            layout = self.carry_layout(b, (t, h, w), text_len, len(self.stage.carried_in), n if control else 0)
+            x, c, skips, temb, features = unpack_controlled_carry(layout, self.input_tensor)
             if self.context_parallel is not None:
                 rope, video_valid, text_valid = self.context_parallel.pad_inputs(rope, video_valid, text_valid)
             elif sequence_parallel:
                 rope, video_valid, text_valid = self.pad_for_sequence_parallel(rope, video_valid, text_valid)
-        x, c, skips = self.run_stage_blocks(x, c, temb, rope, video_valid, text_valid, skips)
+        x, c, skips = self.run_stage_blocks(x, c, temb, rope, video_valid, text_valid, skips, control, features)
         if not self.post_process:
-            layout = self.carry_layout(b, (t, h, w), text_len, len(self.stage.carried_out))
-            return pack_carry(layout, x, c, skips, temb)
+            layout = self.carry_layout(b, (t, h, w), text_len, len(self.stage.carried_out), n if control else 0)
+            return pack_carry(layout, x, c, skips, temb, features)
         out = self.final(x, temb)
         if self.context_parallel is not None:  # the whole output on every CP rank
             out = self.context_parallel.gather_output(out, n)
@@ -578,4 +603,4 @@ class SUVMMDiT(nn.Module):
         return unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
 
 
-__all__ = ["FinalLayer", "JointAttention", "SUVBlock", "SUVMMDiT", "unpatchify", "video_token_validity"]
+__all__ = ["BlockControl", "FinalLayer", "JointAttention", "SUVBlock", "SUVMMDiT", "unpatchify", "video_token_validity"]

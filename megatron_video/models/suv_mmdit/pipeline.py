@@ -153,6 +153,7 @@ class CarryLayout:
     wire_dtype: torch.dtype
     stream_dtype: torch.dtype
     slot_skips: int | None = None  # skip slots on the wire (>= num_skips; unused ones are zero rows at the end)
+    control_rows: int = 0  # rows of a structure controller's features R after the skips (models/control)
 
     def __post_init__(self) -> None:
         if self.slot_skips is not None and self.slot_skips < self.num_skips:
@@ -190,7 +191,8 @@ class CarryLayout:
 
     @property
     def stream_rows(self) -> list[int]:
-        return [self.video_rows, self.text_rows] * (1 + self.num_skips)
+        control = [self.control_rows] if self.control_rows else []
+        return [self.video_rows, self.text_rows] * (1 + self.num_skips) + control
 
     @property
     def pad_rows(self) -> int:
@@ -283,23 +285,36 @@ class _Unpack(torch.autograd.Function):
 
 
 def pack_carry(layout: CarryLayout, x: Tensor, c: Tensor, skips: Sequence[tuple[Tensor, Tensor]],
-               temb: Tensor) -> Tensor:
-    """Streams, pending long skips (stack order) and temb -> one (rows, B, H) tensor for the next stage."""
+               temb: Tensor, control: Tensor | None = None) -> Tensor:
+    """Streams, pending long skips (stack order), the controller's features (if the layout has rows for them)
+    and temb -> one (rows, B, H) tensor for the next stage."""
     if len(skips) != layout.num_skips:
         raise ValueError(f"{len(skips)} pending long skips, the stage split expects {layout.num_skips}")
-    parts = [x, c] + [t for pair in skips for t in pair] + [temb]
+    if (control is not None) != bool(layout.control_rows):
+        raise ValueError(f"controller features given: {control is not None}, layout has {layout.control_rows} rows")
+    parts = [x, c] + [t for pair in skips for t in pair] + ([control] if control is not None else []) + [temb]
     return _Pack.apply(layout, *parts)
 
 
-def unpack_carry(layout: CarryLayout, packed: Tensor) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]], Tensor]:
-    """Inverse of `pack_carry` on the receiving stage; gradients flow back into `packed`."""
+def unpack_controlled_carry(layout: CarryLayout, packed: Tensor,
+                            ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]], Tensor, Tensor | None]:
+    """Inverse of `pack_carry` on the receiving stage: (x, c, skips, temb, controller features or None);
+    gradients flow back into `packed`."""
     parts = _Unpack.apply(layout, packed)
-    streams, temb = parts[:-1], parts[-1]
+    streams, temb = list(parts[:-1]), parts[-1]
+    control = streams.pop() if layout.control_rows else None
     skips = [(streams[i], streams[i + 1]) for i in range(2, len(streams), 2)]
-    return streams[0], streams[1], skips, temb
+    return streams[0], streams[1], skips, temb, control
+
+
+def unpack_carry(layout: CarryLayout, packed: Tensor) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]], Tensor]:
+    """Inverse of `pack_carry` for a carry without controller features."""
+    if layout.control_rows:
+        raise ValueError("this carry holds controller features: use unpack_controlled_carry")
+    return unpack_controlled_carry(layout, packed)[:4]
 
 
 __all__ = [
     "CarryLayout", "PipelineStage", "crossing_skips", "pack_carry", "pipeline_stages", "split_blocks", "stage_of",
-    "unpack_carry", "virtual_stages", "whole_model",
+    "unpack_carry", "unpack_controlled_carry", "virtual_stages", "whole_model",
 ]

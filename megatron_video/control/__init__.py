@@ -1,0 +1,1 @@
+"""Structure signals (canny, depth, sketch) for the structure controller (models/control)."""

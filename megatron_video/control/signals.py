@@ -1,0 +1,168 @@
+"""Structure signals for the structure controller (models/control): one-channel maps in [0, 1] per frame.
+
+- canny: the Canny detector written in torch (neither OpenCV nor kornia is a dependency of this stack, and a
+  torch version runs batched on the training device): grey -> Gaussian blur -> Sobel -> non-maximum
+  suppression along the gradient direction -> double threshold -> hysteresis.
+- depth: a MiDaS-style DPT network (transformers' `DPTForDepthEstimation`) read from a local directory.
+- sketch: a PiDiNet-style edge network: the caller builds the architecture, weights come from a local
+  safetensors file.
+No model is ever downloaded: a missing path is an error.
+
+Videos are (B, 3, T, H, W) RGB in [0, 1]; every extractor returns (B, 1, T, H, W) in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as OpenCV's RGB -> grey
+
+
+def _frames(video: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """(B, C, T, H, W) -> (B*T, C, H, W) and (B, T)."""
+    if video.dim() != 5:
+        raise ValueError(f"expected a (B, C, T, H, W) video, got shape {tuple(video.shape)}")
+    b, c, t, h, w = video.shape
+    return video.transpose(1, 2).reshape(b * t, c, h, w), (b, t)
+
+
+def _video(frames: Tensor, bt: tuple[int, int]) -> Tensor:
+    """(B*T, 1, H, W) -> (B, 1, T, H, W)."""
+    b, t = bt
+    return frames.reshape(b, t, *frames.shape[1:]).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------- canny
+
+
+def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    radius = max(1, math.ceil(2 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    return F.conv2d(x, kernel.view(1, 1, -1, 1))
+
+
+def sobel(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Horizontal and vertical derivatives of (N, 1, H, W), scaled by 1/8 so a ramp of slope s gives s."""
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=x.dtype, device=x.device) / 8
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    return F.conv2d(padded, kx.view(1, 1, 3, 3)), F.conv2d(padded, kx.t().reshape(1, 1, 3, 3))
+
+
+def non_max_suppression(magnitude: Tensor, gx: Tensor, gy: Tensor) -> Tensor:
+    """Keep a pixel only where its magnitude is a maximum along the gradient direction (quantised to 0, 45,
+    90, 135 degrees); ties keep both, as the neighbours compare with >=."""
+    angle = torch.rad2deg(torch.atan2(gy, gx)) % 180
+    sector = (((angle + 22.5) // 45) % 4).long()  # 0: horizontal gradient, 1: 45, 2: vertical, 3: 135
+    padded = F.pad(magnitude, (1, 1, 1, 1))
+    h, w = magnitude.shape[-2:]
+
+    def shifted(dy: int, dx: int) -> Tensor:
+        return padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+
+    # neighbours along the gradient for each sector (rows grow downwards: gy > 0 points down)
+    steps = [(0, 1), (1, 1), (1, 0), (1, -1)]
+    keep = torch.zeros_like(magnitude, dtype=torch.bool)
+    for s, (dy, dx) in enumerate(steps):
+        is_max = (magnitude >= shifted(dy, dx)) & (magnitude >= shifted(-dy, -dx))
+        keep |= (sector == s) & is_max
+    return magnitude * keep
+
+
+def hysteresis(strong: Tensor, weak: Tensor, max_iterations: int | None = None) -> Tensor:
+    """Edges: strong pixels plus weak pixels 8-connected to a strong one through weak pixels (bool masks)."""
+    edges, weak = strong, weak | strong
+    limit = max_iterations if max_iterations is not None else strong.shape[-1] * strong.shape[-2]
+    for _ in range(limit):
+        grown = (F.max_pool2d(edges.float(), 3, stride=1, padding=1) > 0) & weak
+        if torch.equal(grown, edges):
+            break
+        edges = grown
+    return edges
+
+
+def canny(video: Tensor, low: float = 0.1, high: float = 0.2, sigma: float = 1.0) -> Tensor:
+    """Canny edges of an RGB (or grey) video in [0, 1]: (B, C, T, H, W) -> (B, 1, T, H, W) of 0 / 1.
+    `low` / `high`: hysteresis thresholds on the gradient magnitude (a ramp of slope s has magnitude s)."""
+    if not 0 <= low <= high:
+        raise ValueError(f"canny thresholds need 0 <= low <= high, got {low}, {high}")
+    frames, bt = _frames(video.float())
+    if frames.shape[1] == 3:
+        frames = sum(weight * frames[:, i:i + 1] for i, weight in enumerate(_LUMA))
+    elif frames.shape[1] != 1:
+        raise ValueError(f"canny takes RGB or grey video, got {frames.shape[1]} channels")
+    gx, gy = sobel(_gaussian_blur(frames, sigma))
+    thin = non_max_suppression(torch.hypot(gx, gy), gx, gy)
+    edges = hysteresis(thin >= high, thin >= low)
+    return _video(edges.to(video.dtype if video.is_floating_point() else torch.float32), bt)
+
+
+# ------------------------------------------------------------------------------------ network signals
+
+
+class FrameSignal(nn.Module):
+    """A per-frame network as a structure signal: frames resized to `input_size`, normalised with `mean` /
+    `std`, the network's (N, H', W') or (N, 1, H', W') map resized back and scaled to [0, 1] per frame."""
+
+    def __init__(self, net: Callable[[Tensor], Tensor], input_size: tuple[int, int] | None,
+                 mean: float = 0.5, std: float = 0.5) -> None:
+        super().__init__()
+        self.net, self.input_size, self.mean, self.std = net, input_size, mean, std
+
+    @torch.no_grad()
+    def forward(self, video: Tensor) -> Tensor:
+        frames, bt = _frames(video.float())
+        h, w = frames.shape[-2:]
+        if self.input_size is not None:
+            frames = F.interpolate(frames, size=self.input_size, mode="bilinear", align_corners=False)
+        out = self.net((frames - self.mean) / self.std)
+        out = out.unsqueeze(1) if out.dim() == 3 else out
+        if out.dim() != 4 or out.shape[1] != 1:
+            raise ValueError(f"the signal network must return (N, H, W) or (N, 1, H, W), got {tuple(out.shape)}")
+        out = F.interpolate(out.float(), size=(h, w), mode="bilinear", align_corners=False)
+        lo = out.amin(dim=(1, 2, 3), keepdim=True)
+        hi = out.amax(dim=(1, 2, 3), keepdim=True)
+        span = hi - lo
+        return _video((out - lo) / torch.where(span > 0, span, torch.ones_like(span)), bt)  # a flat map -> 0
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"structure-signal model not found at {path} (models are read from local paths "
+                                "only, never downloaded)")
+    return path
+
+
+def load_depth_estimator(path: str | Path, input_size: tuple[int, int] = (384, 384)) -> FrameSignal:
+    """MiDaS depth (DPT, relative inverse depth: near is bright) from a local transformers directory
+    (config.json + weights, e.g. a saved `DPTForDepthEstimation`). `input_size`: multiples of the ViT patch."""
+    from transformers import DPTForDepthEstimation
+
+    model = DPTForDepthEstimation.from_pretrained(str(_existing(path)), local_files_only=True).eval()
+    return FrameSignal(lambda x: model(pixel_values=x).predicted_depth, input_size)
+
+
+def load_sketch_model(path: str | Path, build: Callable[[], nn.Module],
+                      input_size: tuple[int, int] | None = None) -> FrameSignal:
+    """A sketch (PiDiNet-style edge) network: `build()` makes the architecture (no installable package ships
+    PiDiNet), its weights are read strictly from the local safetensors file at `path`. The network maps
+    normalised RGB frames (N, 3, H, W) to an edge map (N, 1, H', W')."""
+    from safetensors.torch import load_file
+
+    net = build()
+    net.load_state_dict(load_file(str(_existing(path))), strict=True)
+    return FrameSignal(net.eval(), input_size)
+
+
+__all__ = ["FrameSignal", "canny", "hysteresis", "load_depth_estimator", "load_sketch_model",
+           "non_max_suppression", "sobel"]

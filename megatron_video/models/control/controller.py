@@ -1,0 +1,200 @@
+"""The structure condition controller of Open-Sora Plan (section 2.3.2) on a frozen SUV denoiser.
+
+Reads like the paper: an encoder E turns the structure signal C_S (a pixel video: canny edges, depth or
+sketch) into tokens shaped like the denoiser's video stream, R = E(C_S): a tiny 3D-convolution network
+downsamples C_S to the latent grid, a patch convolution makes one token per latent patch (the base's token
+order), and K shape-preserving SUV blocks (conditioned on the base's timestep embedding and text) refine them.
+A projector of one token-wise linear map per base block gives F_j = P_j(R), and the controlled model runs
+X_j = X_j + F_j after block j. Every P_j starts at zero, so at step 0 the controlled model is the base model.
+
+Parallel layouts: R is computed whole and in natural token order on the first pipeline stage (replicated over
+TP and CP; its blocks run without sequence parallelism), crosses pipeline stages in the carry beside the long
+skips, and each P_j reads this rank's rows of R in the layout block j's output is in: R padded like X, the CP
+rank's tokens of the block's layout picked with the model's own index maps, and P_j a row-parallel linear
+whose reduce-scatter (Megatron-SP) leaves exactly this TP rank's sequence shard. Gradients: R's gradient is
+partial per CP rank (each rank's tokens) and DDP sums the replicated controller's gradients over DP x CP, as
+it does for the base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import RowParallelLinear, scatter_to_tensor_model_parallel_region
+from torch import Tensor, nn
+
+from megatron_video.models.suv_mmdit.config import BlockSpec, SUVConfig
+from megatron_video.models.suv_mmdit.layers import without_sequence_parallel
+from megatron_video.models.suv_mmdit.model import SUVBlock, SUVMMDiT
+from megatron_video.models.suv_mmdit.skiparse import pad_sequence
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """The controller's architecture. The downsampling factors are the video VAE's (pixel frames 1 + 4m ->
+    latent frames 1 + m, 8x8 pixels -> one latent pixel)."""
+
+    signal_channels: int = 1  # channels of the structure video (control/signals.py maps have one)
+    temporal_downsample: int = 4
+    spatial_downsample: int = 8
+    conv_channels: int = 32  # of the convolutions at the latent grid
+    num_blocks: int = 2  # K
+
+    def __post_init__(self) -> None:
+        if self.temporal_downsample < 1 or self.spatial_downsample < 1:
+            raise ValueError("temporal_downsample and spatial_downsample must be >= 1")
+        if self.signal_channels < 1 or self.conv_channels < 1 or self.num_blocks < 0:
+            raise ValueError("signal_channels and conv_channels must be >= 1, num_blocks >= 0")
+
+    def pixel_shape(self, latent_thw: tuple[int, int, int]) -> tuple[int, int, int]:
+        """(T, H, W) of the structure video that matches a latent of (t, h, w)."""
+        t, h, w = latent_thw
+        return (t - 1) * self.temporal_downsample + 1, h * self.spatial_downsample, w * self.spatial_downsample
+
+
+def space_to_depth(video: Tensor, ft: int, fs: int) -> Tensor:
+    """(B, C, 1 + ft*m, H, W) -> (B, C*ft*fs*fs, 1 + m, H/fs, W/fs): the first frame padded in front by ft - 1
+    copies of itself, so it forms a latent frame of its own (as the causal video VAE's first frame)."""
+    b, c, t, h, w = video.shape
+    video = torch.cat([video[:, :, :1].expand(b, c, ft - 1, h, w), video], dim=2)
+    x = video.reshape(b, c, (t + ft - 1) // ft, ft, h // fs, fs, w // fs, fs)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * ft * fs * fs, (t + ft - 1) // ft, h // fs, w // fs)
+
+
+class StructureEncoder(nn.Module):
+    """E: structure video (B, C, T, H, W) -> R (N, B, hidden), tokens in the base's (t, h, w) order.
+    The downsampling is a space-to-depth to the latent grid followed by a 1x1x1 and a 3x3x3 convolution (the
+    pixel-rate work is a reshape: at small models a strided conv stack at pixel resolution costs more than the
+    whole denoiser), then the base's patch size as a strided convolution."""
+
+    def __init__(self, control: ControlConfig, cfg: SUVConfig, config: ModelParallelConfig) -> None:
+        super().__init__()
+        dtype, ch = config.params_dtype, control.conv_channels
+        self.control, self.patch = control, cfg.patch_size
+        folded = control.signal_channels * control.temporal_downsample * control.spatial_downsample ** 2
+        self.conv_in = nn.Conv3d(folded, ch, 1, dtype=dtype)
+        self.conv_mid = nn.Conv3d(ch, ch, 3, padding=1, dtype=dtype)
+        p = cfg.patch_size
+        self.patch_embed = nn.Conv3d(ch, cfg.hidden_size, (1, p, p), stride=(1, p, p), dtype=dtype)
+        # K dense SUV blocks on whole sequences (the controller is small: no sequence parallelism inside it)
+        local = without_sequence_parallel(config)
+        k = control.num_blocks
+        self.blocks = nn.ModuleList(
+            SUVBlock(cfg, local, BlockSpec(index=i, stage=0, index_in_stage=i, k=1, mode="full",
+                                           context_pre_only=i == k - 1, skip_in=None, skip_out=False))
+            for i in range(k))
+
+    def forward(self, signal: Tensor, c: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor],
+                video_valid: Tensor | None, text_valid: Tensor | None, grid: tuple[int, int, int]) -> Tensor:
+        t, hp, wp = grid
+        expected = self.control.pixel_shape((t, hp * self.patch, wp * self.patch))
+        if signal.dim() != 5 or signal.shape[1] != self.control.signal_channels or tuple(signal.shape[2:]) != expected:
+            raise ValueError(f"structure signal must be (B, {self.control.signal_channels}, *{expected}) for this "
+                             f"latent, got {tuple(signal.shape)}")
+        folded = space_to_depth(signal.to(self.conv_in.weight.dtype), self.control.temporal_downsample,
+                                self.control.spatial_downsample)
+        h = F.silu(self.conv_mid(F.silu(self.conv_in(folded))))
+        tokens = self.patch_embed(h)  # (B, D, t, h', w')
+        r = tokens.flatten(2).permute(2, 0, 1)  # (N, B, D), (t, h, w) order
+        for block in self.blocks:
+            r, c = block(r, c, temb, *rope, video_valid, text_valid)
+        return r
+
+
+def _zeros(weight: Tensor) -> None:
+    nn.init.zeros_(weight)
+
+
+class Projector(nn.Module):
+    """P_j for the blocks of one pipeline stage: row-parallel Linear(H -> H) each, zero-initialised; under
+    Megatron-SP its reduce-scatter yields this TP rank's sequence shard, as X_j is split."""
+
+    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig, blocks: range) -> None:
+        super().__init__()
+        hidden = cfg.hidden_size
+        self.linears = nn.ModuleDict({
+            str(j): RowParallelLinear(hidden, hidden, config=config, init_method=_zeros, bias=True,
+                                      input_is_parallel=True, skip_bias_add=False)
+            for j in blocks})
+
+    def forward(self, index: int, rows: Tensor) -> Tensor:
+        """rows (S, B, H) of R, whole on every TP rank -> F_j (this rank's shard under SP)."""
+        return self.linears[str(index)](scatter_to_tensor_model_parallel_region(rows))[0]
+
+
+def rows_in_block_layout(features: Tensor, block: SUVBlock, n_pad: int) -> Tensor:
+    """R (N, B, H) in natural order -> the rows X has after `block` on this rank, all TP slots: padded as the
+    model pads X (SP / CP), then under context parallelism this CP rank's tokens of the block's layout."""
+    rows = pad_sequence(features, n_pad)
+    context = block.context_parallel
+    if context is not None:
+        rows = rows.index_select(0, context.cp.ids(context.plan.layout, n_pad, device=rows.device))
+    return rows
+
+
+class StructureController(nn.Module):
+    """E (first pipeline stage only) and the projectors of this stage's blocks."""
+
+    def __init__(self, control: ControlConfig, base: SUVMMDiT) -> None:
+        super().__init__()
+        self.control = control
+        self.encoder = StructureEncoder(control, base.cfg, base.config) if base.pre_process else None
+        self.projector = Projector(base.cfg, base.config, base.stage.blocks)
+
+
+@dataclass(frozen=True)
+class StructureControl:
+    """One forward's binding of the controller to its structure signal: the `BlockControl` the SUV model calls."""
+
+    controller: StructureController
+    signal: Tensor | None  # None on stages after the first (R arrives in the pipeline carry)
+
+    def encode(self, c: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor], video_valid: Tensor | None,
+               text_valid: Tensor | None, grid: tuple[int, int, int]) -> Tensor:
+        if self.controller.encoder is None or self.signal is None:
+            raise RuntimeError("the structure encoder runs on the first pipeline stage, with a structure signal")
+        return self.controller.encoder(self.signal, c, temb, rope, video_valid, text_valid, grid)
+
+    def inject(self, block: SUVBlock, x: Tensor, features: Tensor, n_pad: int) -> Tensor:
+        f = self.controller.projector(block.spec.index, rows_in_block_layout(features, block, n_pad))
+        return x + f.to(x.dtype)
+
+
+class ControlledSUV(nn.Module):
+    """A frozen SUV denoiser (one pipeline stage of it) with a trainable structure controller. Exposes what
+    megatron's schedules and the training loop read from a model chunk."""
+
+    def __init__(self, base: SUVMMDiT, control: ControlConfig) -> None:
+        super().__init__()
+        base.requires_grad_(False)
+        self.base = base
+        self.controller = StructureController(control, base)
+        self.cfg, self.config, self.model_type = base.cfg, base.config, base.model_type
+        self.pre_process, self.post_process = base.pre_process, base.post_process
+        self.share_embeddings_and_output_weights = False
+
+    def set_input_tensor(self, input_tensor: Tensor | list[Tensor | None] | None) -> None:
+        self.base.set_input_tensor(input_tensor)
+
+    def pipeline_shapes(self, batch: int, latent_thw: tuple[int, int, int], text_len: int,
+                        ) -> tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]:
+        cfg = self.base.cfg
+        n = latent_thw[0] * (latent_thw[1] // cfg.patch_size) * (latent_thw[2] // cfg.patch_size)
+        return self.base.pipeline_shapes(batch, latent_thw, text_len, control_rows=n)
+
+    def forward(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
+                pooled_projections: Tensor, attention_mask: Tensor, encoder_attention_mask: Tensor,
+                structure: Tensor | None = None) -> Tensor:
+        """`structure`: the (B, C, T, H, W) structure video (needed on the first pipeline stage)."""
+        if self.pre_process and structure is None:
+            raise ValueError("the controlled model needs a structure signal on the first pipeline stage")
+        control = StructureControl(self.controller, structure)
+        return self.base(hidden_states, timestep, encoder_hidden_states, pooled_projections, attention_mask,
+                         encoder_attention_mask, control=control)
+
+
+__all__ = ["ControlConfig", "ControlledSUV", "Projector", "StructureControl", "StructureController",
+           "StructureEncoder", "rows_in_block_layout"]

@@ -1,0 +1,266 @@
+"""The structure controller (models/control) on a frozen SUV: zero-initialised it is the base model exactly;
+training moves only the controller; its forward and gradients under TP2 + Megatron-SP, CP2 (both strategies)
+and PP2 equal one rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.harness import run_distributed
+
+LATENT = (3, 6, 4)  # 18 tokens: skiparse (k = 2, 4) and CP pad, text 7 pads under SP
+
+
+def _control_cfg():
+    from megatron_video.models.control import ControlConfig
+
+    return ControlConfig(signal_channels=1, temporal_downsample=2, spatial_downsample=2, conv_channels=8,
+                         num_blocks=2)
+
+
+def _batch(cfg, seed: int = 1) -> dict[str, torch.Tensor]:
+    from tests.cp_fixtures import make_inputs
+
+    batch = make_inputs(cfg, LATENT, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    batch["structure"] = torch.randn(2, 1, *_control_cfg().pixel_shape(LATENT), generator=g)
+    return batch
+
+
+def _controlled(cfg, config, stage=None):
+    from megatron_video.models.control import ControlledSUV
+    from megatron_video.models.suv_mmdit import SUVMMDiT
+
+    return ControlledSUV(SUVMMDiT(cfg, config, stage, init_seed=5), _control_cfg())
+
+
+@pytest.fixture(scope="module")
+def small(tp1):
+    from megatron_video.models.suv_mmdit import megatron_config, suv_config
+
+    cfg = suv_config("small")
+    return cfg, megatron_config(cfg, params_dtype=torch.float32, use_cpu_initialization=True)
+
+
+def test_zero_initialised_controller_is_the_base_model(small):
+    cfg, config = small
+    model = _controlled(cfg, config)
+    batch = _batch(cfg)
+    target, structure = batch.pop("target"), batch.pop("structure")
+    base_out = model.base(**batch)
+    out = model(**batch, structure=structure)
+    assert torch.equal(out, base_out)
+    assert all(not p.requires_grad for p in model.base.parameters())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("controller.") for n in trainable)
+    assert {f"controller.projector.linears.{j}.weight" for j in range(cfg.num_blocks)} <= trainable
+    ((out - target) ** 2).mean().backward()  # gradients reach the projectors at step 0 (not the encoder: P = 0)
+    assert model.controller.projector.linears["3"].weight.grad.abs().max() > 0
+
+
+def test_training_moves_only_the_controller(small):
+    cfg, config = small
+    model = _controlled(cfg, config)
+    base_before = {k: v.clone() for k, v in model.base.state_dict().items() if v is not None}
+    ctrl_before = {k: v.clone() for k, v in model.controller.state_dict().items() if v is not None}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = _batch(cfg)
+    target, structure = batch.pop("target"), batch.pop("structure")
+    for _ in range(3):
+        optimizer.zero_grad()
+        ((model(**batch, structure=structure) - target) ** 2).mean().backward()
+        optimizer.step()
+    for key, value in base_before.items():
+        assert torch.equal(model.base.state_dict()[key], value), key
+    changed = {k for k, v in ctrl_before.items() if not torch.equal(model.controller.state_dict()[k], v)}
+    assert "encoder.conv_in.weight" in changed and "encoder.blocks.0.attn.to_q.weight" in changed  # E learns
+    assert "projector.linears.0.weight" in changed
+    with torch.no_grad():
+        assert not torch.equal(model(**batch, structure=structure), model.base(**batch))
+
+
+def test_bad_structure_shape_is_a_clear_error(small):
+    cfg, config = small
+    model = _controlled(cfg, config)
+    batch = _batch(cfg)
+    del batch["target"]
+    batch["structure"] = batch["structure"][:, :, :-1]
+    with pytest.raises(ValueError, match="structure signal must be"):
+        model(**batch)
+
+
+def test_sampling_with_a_structure_signal(small):
+    """Through the sampler, with guidance: zero-initialised, the controlled model samples what the base samples
+    (bitwise); with non-zero projectors the structure signal changes the sample."""
+    from megatron_video.sampling import SamplerConfig, TextBatch, sample
+
+    cfg, config = small
+    model = _controlled(cfg, config)
+    batch = _batch(cfg)
+    g = torch.Generator().manual_seed(3)
+    text = TextBatch(torch.randn(2, 7, cfg.caption_channels, generator=g), torch.ones(2, 7, dtype=torch.bool),
+                     torch.randn(2, cfg.pooled_projection_dim, generator=g))
+    negative = TextBatch(torch.zeros(1, 7, cfg.caption_channels), torch.ones(1, 7, dtype=torch.bool),
+                         torch.zeros(1, cfg.pooled_projection_dim))
+    sampler = SamplerConfig(num_steps=2, guidance_scale=3.0)
+    noise = batch["hidden_states"]
+
+    def run(module, **structure):
+        return sample(module, module, noise, text, sampler, negative=negative, **structure)
+
+    base = run(model.base)
+    assert torch.equal(run(model, structure=batch["structure"]), base)
+    with torch.no_grad():
+        for linear in model.controller.projector.linears.values():
+            linear.weight.normal_(0.0, 0.05)
+    assert not torch.allclose(run(model, structure=batch["structure"]), base)
+
+
+def test_space_to_depth_gives_the_first_frame_a_latent_frame_of_its_own():
+    """As the causal video VAE: pixel frames 1 + 2m -> latent frames 1 + m, frame 0 alone in latent frame 0."""
+    from megatron_video.models.control.controller import space_to_depth
+
+    video = torch.randn(1, 1, 5, 4, 6)
+    out = space_to_depth(video, 2, 2)
+    assert out.shape == (1, 8, 3, 2, 3)
+    changed = video.clone()
+    changed[:, :, 1:] += 1.0
+    assert torch.equal(space_to_depth(changed, 2, 2)[:, :, 0], out[:, :, 0])
+    assert not torch.equal(space_to_depth(changed, 2, 2)[:, :, 1:], out[:, :, 1:])
+    assert sorted(out[0, :, 2].flatten().tolist()) == sorted(video[0, 0, 3:5].flatten().tolist())
+
+
+# ------------------------------------------------------------------------------------------- multi-rank
+
+# (tp, cp, pp, sequence_parallel, CP strategy); the first (one rank per model replica) is the reference
+VARIANTS = [(1, 1, 1, False, None), (2, 1, 1, True, None), (1, 2, 1, False, "skiparse"),
+            (1, 2, 1, False, "ulysses"), (1, 1, 2, False, None)]
+
+
+def _random_controller_state(cfg, config) -> dict[str, torch.Tensor]:
+    """A TP = 1 controller with non-zero projectors (at zero the encoder would get no gradient to compare)."""
+    from megatron_video.models.control import StructureController
+    from megatron_video.models.suv_mmdit import SUVMMDiT
+
+    torch.manual_seed(7)
+    state = StructureController(_control_cfg(), SUVMMDiT(cfg, config, init_seed=5)).state_dict()
+    state = {k: v for k, v in state.items() if v is not None}  # (megatron's empty _extra_state entries)
+    g = torch.Generator().manual_seed(8)
+    for key, value in state.items():
+        if key.startswith("projector."):
+            state[key] = 0.05 * torch.randn(value.shape, generator=g)
+    return state
+
+
+def _tp_shard(module: torch.nn.Module, full: dict[str, torch.Tensor], tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """This TP rank's part of the full-size `full` for `module`'s parameters (megatron tags the split dim)."""
+    params = dict(module.named_parameters())
+    out = {}
+    for key, value in full.items():
+        param = params.get(key)
+        if param is not None and getattr(param, "tensor_model_parallel", False):
+            value = value.chunk(tp, dim=param.partition_dim)[rank]
+        out[key] = value
+    return out
+
+
+def control_worker(cfg, variants) -> list[dict]:
+    """Every rank: per variant build the controlled model (base weights: the released-name TP shards of one
+    draw; controller: shards of one TP = 1 draw), run one forward-backward of a probe loss through megatron's
+    schedule and DDP, and report the output (last stage) and the controller's full-size gradients."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    from megatron_video.models.suv_mmdit import SUVMMDiT, megatron_config
+    from megatron_video.models.suv_mmdit.context_parallel import set_context_parallel_strategy
+    from megatron_video.models.suv_mmdit.pipeline import stage_of
+    from megatron_video.models.suv_mmdit.state_dict_adapter import from_released, shard_released
+    from megatron_video.parallel import initialize_parallel
+    from megatron_video.parallel.pipeline import run_forward_backward
+    from tests.test_suv_tp import random_released_weights
+
+    initialize_parallel()
+    ref_config = megatron_config(cfg, params_dtype=torch.float32, use_cpu_initialization=True)
+    weights = random_released_weights(SUVMMDiT(cfg, ref_config))
+    controller_state = _random_controller_state(cfg, ref_config)
+    batch = _batch(cfg)
+    probe = torch.linspace(-1.0, 1.0, batch.pop("target").numel()).reshape(2, cfg.out_channels, *LATENT)
+    results = []
+    for tp, cp, pp, sp, strategy in variants:
+        initialize_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp, pipeline_model_parallel_size=pp)
+        config = megatron_config(cfg, tensor_model_parallel_size=tp, context_parallel_size=cp,
+                                 pipeline_model_parallel_size=pp, sequence_parallel=sp, params_dtype=torch.float32,
+                                 pipeline_dtype=torch.float32, use_cpu_initialization=True)
+        tp_rank, pp_rank = mpu.get_tensor_model_parallel_rank(), mpu.get_pipeline_model_parallel_rank()
+        model = _controlled(cfg, config, stage_of(cfg, pp, pp_rank))
+        if strategy == "ulysses":
+            set_context_parallel_strategy(model.base, strategy)
+        ours = from_released(shard_released(weights, tp, tp_rank), cfg)
+        model.base.load_state_dict({k: v for k, v in ours.items() if k in model.base.state_dict()})
+        own = model.controller.state_dict()
+        missing, _ = model.controller.load_state_dict(
+            _tp_shard(model.controller, {k: v for k, v in controller_state.items() if k in own}, tp, tp_rank),
+            strict=False)
+        assert all(key.endswith("_extra_state") for key in missing), missing
+        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+        config.finalize_model_grads_func = finalize_model_grads
+        store: dict[str, torch.Tensor] = {}
+
+        def forward_step(iterator, module, store=store):
+            out = module(**next(iterator))
+            if mpu.is_pipeline_last_stage():
+                store["output"] = out.detach().clone()
+
+            def loss_func(prediction):
+                loss = (prediction * probe).sum()
+                return loss, {"loss": loss.detach().clone()}
+
+            return out, loss_func
+
+        recv, send = model.pipeline_shapes(2, LATENT, batch["encoder_hidden_states"].shape[2])
+        run_forward_backward(forward_step, iter([batch]), ddp, 1, 2, recv, send)
+        grads = {}
+        for name, param in model.controller.named_parameters():
+            if not param.requires_grad:  # the last encoder block's text queries (they reach no output)
+                continue
+            grad = param.main_grad.clone()
+            if getattr(param, "tensor_model_parallel", False) and tp > 1:
+                parts = [torch.empty_like(grad) for _ in range(tp)]
+                dist.all_gather(parts, grad, group=mpu.get_tensor_model_parallel_group())
+                grad = torch.cat(parts, dim=param.partition_dim)
+            grads[name] = grad
+        results.append({"output": store.get("output"), "grads": grads, "rank": dist.get_rank()})
+    return results
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """fp32 with reordered reductions (TP partial sums, CP text-copy sums, SP reduce-scatter): agreement to
+    1e-5 of the tensor's scale, as the base model's TP / CP equivalence tests."""
+    err, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
+    assert err <= 1e-5 * scale + 1e-7, f"{what}: max abs error {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.slow
+def test_controller_under_tp_sp_cp_and_pp_matches_one_rank():
+    from megatron_video.models.suv_mmdit import suv_config
+
+    cfg = suv_config("small")
+    per_rank = run_distributed(control_worker, 2, cfg, VARIANTS, timeout=600)
+    reference = per_rank[0][0]
+    assert reference["grads"]["encoder.conv_in.weight"].abs().max() > 0
+    assert reference["output"].abs().max() > 0.1
+    for i, variant in enumerate(VARIANTS[1:], start=1):
+        ranks = [r[i] for r in per_rank]
+        outputs = [r["output"] for r in ranks if r["output"] is not None]
+        assert outputs, variant
+        for out in outputs:
+            _close(out, reference["output"], f"output at {variant}")
+        grads = {}
+        for r in ranks:  # PP: each stage reports its own parameters; otherwise every rank all of them
+            grads.update(r["grads"])
+        assert grads.keys() == reference["grads"].keys(), variant
+        for key, grad in reference["grads"].items():
+            _close(grads[key], grad, f"grad of {key} at {variant}")

@@ -1,0 +1,101 @@
+"""Structure signals (control/signals.py): Canny on a synthetic square, hysteresis on a hand-made mask, and the
+depth / sketch loaders with small random-weight networks saved to local paths (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_video.control.signals import canny, hysteresis, load_depth_estimator, load_sketch_model
+
+
+def _square_video() -> torch.Tensor:
+    """(1, 3, 2, 32, 32): a bright square on rows / columns 8..23 in both frames, grey in RGB."""
+    video = torch.zeros(1, 3, 2, 32, 32)
+    video[..., 8:24, 8:24] = 0.8
+    return video
+
+
+def test_canny_finds_the_square_outline_one_pixel_thin():
+    edges = canny(_square_video())[0, 0, 0]
+    assert edges.shape == (32, 32) and set(edges.unique().tolist()) <= {0.0, 1.0}
+    ys, xs = torch.nonzero(edges, as_tuple=True)
+    # every edge pixel lies on the boundary (between pixel 7/8 and 23/24) within one pixel
+    near = lambda v: ((v - 7.5).abs() <= 1) | ((v - 23.5).abs() <= 1)  # noqa: E731
+    inside = lambda v: (v >= 6) & (v <= 25)  # noqa: E731
+    assert bool((((near(ys) & inside(xs)) | (near(xs) & inside(ys)))).all())
+    for row in range(10, 22):  # each side closed and thin: exactly one edge pixel per row near x = 7.5
+        left = edges[row, 5:11].nonzero().flatten()
+        right = edges[row, 21:27].nonzero().flatten()
+        assert len(left) == 1 and len(right) == 1, (row, left, right)
+        assert len(edges[5:11, row].nonzero()) == 1 and len(edges[21:27, row].nonzero()) == 1
+    assert edges[12:20, 12:20].sum() == 0 and edges[:4].sum() == 0
+
+
+def test_canny_thresholds_drop_faint_edges():
+    faint = _square_video() * 0.2  # a step of 0.16: blurred gradient below the low threshold 0.1
+    assert canny(faint).sum() == 0
+    assert canny(faint, low=0.02, high=0.04).sum() > 0
+    with pytest.raises(ValueError, match="low <= high"):
+        canny(faint, low=0.3, high=0.1)
+
+
+def test_hysteresis_keeps_weak_pixels_connected_to_strong_ones():
+    strong = torch.zeros(1, 1, 5, 8, dtype=torch.bool)
+    weak = torch.zeros_like(strong)
+    strong[0, 0, 1, 0] = True
+    weak[0, 0, 1, 1:4] = True  # chain from the strong pixel
+    weak[0, 0, 2, 4] = True  # diagonal continuation (8-connectivity)
+    weak[0, 0, 4, 7] = True  # isolated weak pixel
+    edges = hysteresis(strong, weak)[0, 0]
+    assert edges[1, :4].all() and edges[2, 4] and not edges[4, 7]
+    assert edges.sum() == 5
+
+
+def test_depth_estimator_from_a_local_dpt_directory(tmp_path):
+    """A tiny random-weight DPT (the MiDaS v3 architecture in transformers) saved and read back locally."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
+                       image_size=32, patch_size=8, neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=16,
+                       backbone_out_indices=[0, 1, 2, 3], head_in_index=-1)
+    torch.manual_seed(0)
+    DPTForDepthEstimation(config).save_pretrained(tmp_path / "dpt")
+    depth = load_depth_estimator(tmp_path / "dpt", input_size=(32, 32))
+    out = depth(_square_video()[..., :24, :16])
+    assert out.shape == (1, 1, 2, 24, 16)
+    assert out.min() >= 0 and out.max() <= 1  # per-frame scaled to [0, 1]
+    assert torch.equal(out.amax(dim=(0, 1, 3, 4)), torch.ones(2)) and torch.equal(out.amin(dim=(0, 1, 3, 4)),
+                                                                                 torch.zeros(2))
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        load_depth_estimator(tmp_path / "missing")
+
+
+class _TinySketch(torch.nn.Module):
+    """Stand-in with PiDiNet's contract: normalised RGB -> sigmoid edge map at half resolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.conv(x))
+
+
+def test_sketch_model_from_a_local_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = _TinySketch()
+    save_file(net.state_dict(), tmp_path / "sketch.safetensors")
+    sketch = load_sketch_model(tmp_path / "sketch.safetensors", _TinySketch)
+    video = torch.rand(2, 3, 3, 16, 12)
+    out = sketch(video)
+    assert out.shape == (2, 1, 3, 16, 12) and out.min() >= 0 and out.max() <= 1
+    frame = video[1, :, 2][None]  # the loaded weights are the saved ones: same map as the original network
+    expected = torch.nn.functional.interpolate(net((frame - 0.5) / 0.5), size=(16, 12), mode="bilinear")
+    expected = (expected - expected.min()) / (expected.max() - expected.min())
+    torch.testing.assert_close(out[1, :, 2], expected[0])
+    save_file({"conv.weight": net.conv.weight}, tmp_path / "partial.safetensors")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_sketch_model(tmp_path / "partial.safetensors", _TinySketch)

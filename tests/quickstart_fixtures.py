@@ -1,6 +1,7 @@
 """The quickstart's model config, narrowed for CI: the same preset, stand-in latent space (48 channels) and text
-sizes, with 4 heads x 16 instead of 4 x 64 (hidden 64 instead of 256), so the quickstart pipeline tests run in
-well under a minute. The example scripts keep the wider default."""
+sizes, with 4 heads x 16 instead of 4 x 64 (hidden 64 instead of 256), for test_quickstart.py's pipeline run.
+The example scripts keep the wider default. (Not for test_train_to_video.py: the narrowed model's held-out loss
+fell only 2 % in its 30 iterations, against the 10 % that test asks.)"""
 
 from __future__ import annotations
 

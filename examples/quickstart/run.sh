@@ -4,6 +4,10 @@
 #
 #   bash examples/quickstart/run.sh            # OUT=outputs/quickstart ITERS=16 NPROC=4 are the defaults
 #
+# Knobs (environment): OUT, ITERS (total; half are trained, then resumed), NPROC and TP (ranks, tensor-parallel
+# size), MODEL_CONFIG (default examples/quickstart/model.yaml; the CI test passes a 4x narrower copy so that the
+# same pipeline runs in under a minute), SAMPLE_STEPS (Euler steps of the final video, default 10), MASTER_PORT.
+#
 # The EMA (decay 0.9999) barely moves in 16 steps; it is exported for the format, the trained weights for the check.
 # The encoders are deterministic stand-ins (no weights can be downloaded here): a space-to-depth "VAE" (4x4 pixel
 # blocks -> 48 channels, exactly invertible, not learned) and a stub text encoder; on a cluster build the cache
@@ -16,6 +20,8 @@ ITERS="${ITERS:-16}"
 NPROC="${NPROC:-4}"
 TP="${TP:-2}"
 PYTHON="${PYTHON:-python}"
+MODEL_CONFIG="${MODEL_CONFIG:-examples/quickstart/model.yaml}"
+SAMPLE_STEPS="${SAMPLE_STEPS:-10}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 HALF=$((ITERS / 2))
@@ -55,7 +61,7 @@ echo "cache_path: $OUT/cache" >> "$OUT/data.yaml"
 
 COMMON=(-m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29517}" pretrain_t2v.py
         --device cpu --tensor-model-parallel-size "$TP" --use-distributed-optimizer
-        --model-config examples/quickstart/model.yaml --data-config "$OUT/data.yaml"
+        --model-config "$MODEL_CONFIG" --data-config "$OUT/data.yaml"
         --global-batch-size 4 --micro-batch-size 1 --lr 1e-3
         --clip-grad-ema-decay 0.99  # v1.5 adaptive EMA-3sigma clip; its first 10 steps seed the statistics
         --lr-decay-style constant --weight-decay 1e-4 --adam-eps 1e-15 --log-interval 1)
@@ -72,21 +78,21 @@ step resume "$LOGGED" "$PYTHON" "${TRAIN[@]}" --train-iters "$ITERS" --load "$OU
 
 echo "== 5/6 export to the released Open-Sora Plan format -> $OUT/released (EMA and trained weights)"
 step export_ema "^export" "$PYTHON" -m checkpoints_convert export "$OUT/checkpoints" --weights ema \
-    --model-config examples/quickstart/model.yaml --safetensors "$OUT/released/model_ema.safetensors" \
+    --model-config "$MODEL_CONFIG" --safetensors "$OUT/released/model_ema.safetensors" \
     --pt "$OUT/released/model_ema.pt" --diffusers "$OUT/released/diffusers_ema"
 step export_model "^export" "$PYTHON" -m checkpoints_convert export "$OUT/checkpoints" --weights model \
-    --model-config examples/quickstart/model.yaml --safetensors "$OUT/released/model.safetensors"
+    --model-config "$MODEL_CONFIG" --safetensors "$OUT/released/model.safetensors"
 
 echo "== 6/6 load the exported weights back (import, then one step from them: the loss is the trained one)"
 step import "^import" "$PYTHON" -m checkpoints_convert import "$OUT/released/model.safetensors" "$OUT/reimported" \
-    --model-config examples/quickstart/model.yaml
+    --model-config "$MODEL_CONFIG"
 step reload "$LOGGED" "$PYTHON" "${COMMON[@]}" --train-iters 1 --load "$OUT/reimported" --finetune
 
 echo "== then: sample a video from the trained weights, decoded from the latent space it trained in -> $OUT/videos"
 printf '%s\n' "A red circle moves left to right across a black background." > "$OUT/prompts.txt"
-step sample "^wrote" "$PYTHON" tools/sample.py --device cpu --model-config examples/quickstart/model.yaml \
+step sample "^wrote" "$PYTHON" tools/sample.py --device cpu --model-config "$MODEL_CONFIG" \
     --load "$OUT/checkpoints" --weights model --prompts "$OUT/prompts.txt" --encoders stub --stand-in-vae 4 \
-    --num-frames 9 --height 32 --width 32 --num-steps 10 --guidance-scale 2 --fps 8 --out "$OUT/videos"
+    --num-frames 9 --height 32 --width 32 --num-steps "$SAMPLE_STEPS" --guidance-scale 2 --fps 8 --out "$OUT/videos"
 
 echo
 echo "video: $OUT/videos/sample_0000.mp4 (after a few steps of training it is mostly noise;"

@@ -9,6 +9,7 @@
 #
 #   bash examples/quickstart/train_to_video.sh      # OUT=outputs/train_to_video ITERS=300 NPROC=2 THREADS=1
 set -euo pipefail
+trap 'echo "!! a step failed; the whole training and sampling output: $OUT/train.log, $OUT/sample.log" >&2' ERR
 cd "$(dirname "$0")/../.."
 
 OUT="${OUT:-outputs/train_to_video}"
@@ -48,13 +49,14 @@ OMP_NUM_THREADS="$THREADS" "$PYTHON" -m torch.distributed.run --nproc-per-node "
     --sample-interval $((ITERS / 4)) --sample-prompts "$OUT/prompts.txt" --sample-encoders stub \
     --sample-stand-in-vae 4 --sample-num-steps 20 --sample-guidance-scale 2 \
     --save "$OUT/checkpoints" --save-interval "$ITERS" --tensorboard-dir "$OUT/tensorboard" 2>&1 \
-    | grep -E "^(iteration|evaluation|sampled|saved)"
+    | tee "$OUT/train.log" | grep --line-buffered -E "^ *(\[|evaluation|sampled|saved|error)"
 
 echo "== 4/4 sample MP4 files from the EMA weights -> $OUT/videos"
 OMP_NUM_THREADS="$THREADS" "$PYTHON" tools/sample.py --device cpu \
     --model-config examples/quickstart/model.yaml --load "$OUT/checkpoints" --weights ema \
     --prompts "$OUT/prompts.txt" --encoders stub --stand-in-vae 4 --num-frames 9 --height 32 --width 32 \
-    --num-steps 30 --guidance-scale 2 --fps 8 --out "$OUT/videos" 2>&1 | grep -E "^(wrote|error)"
+    --num-steps 30 --guidance-scale 2 --fps 8 --out "$OUT/videos" 2>&1 \
+    | tee "$OUT/sample.log" | grep -E "^(wrote|error)"
 
 echo
 echo "videos: $OUT/videos/*.mp4 (32x32, 9 frames at 8 fps; the stand-in VAE decodes exactly what was sampled)"

@@ -253,12 +253,23 @@ def read_condition_video(path: str, num_frames: int, height: int, width: int) ->
     return video[None]
 
 
+def task_condition(task: str, video: torch.Tensor, vae: Any, latent_thw: tuple[int, int, int], masked_latents: str,
+                   cond_frames: int = 1, chunk_size: int | None = None) -> Any:
+    """The inpainting conditioning of `task` from `video` (1, 3, T, H, W) in [-1, 1], built by the model's
+    `masked_latents` convention: the masked video through the VAE ("encode") or the video's latents masked."""
+    from megatron_video.sampling.conditioning import inpaint_condition, task_frame_mask
+
+    keep = task_frame_mask(task, video.shape[2], cond_frames)[None]
+    if masked_latents == "encode":
+        return inpaint_condition(keep, latent_thw, video=video, vae=vae, chunk_size=chunk_size)
+    return inpaint_condition(keep, latent_thw, latents=vae.encode(video, chunk_size=chunk_size, sample=False))
+
+
 def run(args: argparse.Namespace, prompts: list[str], negatives: list[str]) -> list[Path]:
     from megatron.core import parallel_state as mpu
 
     from megatron_video.parallel import init_distributed, initialize_parallel, set_seed
     from megatron_video.parallel.initialize import local_device
-    from megatron_video.sampling.conditioning import inpaint_condition, task_frame_mask
     from megatron_video.sampling.sampler import SamplerConfig, initial_noise, sample
     from megatron_video.sampling.video import to_frames, write_mp4
     from megatron_video.training.components import build_denoiser
@@ -285,16 +296,12 @@ def run(args: argparse.Namespace, prompts: list[str], negatives: list[str]) -> l
         and mpu.get_pipeline_model_parallel_rank() == 0
     condition = None
     if cfg.condition_channels:  # t2v through an inpainting model: nothing given, as trained
-        keep = task_frame_mask(args.task, args.num_frames, args.cond_frames)[None]
         if args.task == "t2v":
             video = torch.zeros(1, 3, args.num_frames, args.height, args.width)
         else:
             video = read_condition_video(args.cond_video, args.num_frames, args.height, args.width)
-        video = video.to(device)
-        if args.masked_latents == "encode":
-            condition = inpaint_condition(keep, latent[1:], video=video, vae=vae)
-        else:
-            condition = inpaint_condition(keep, latent[1:], latents=vae.encode(video, sample=False))
+        condition = task_condition(args.task, video.to(device), vae, latent[1:], args.masked_latents,
+                                   args.cond_frames)
     out = Path(args.out)
     written = []
     for index in range(dp_rank, len(prompts), dp):
@@ -335,4 +342,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["SampleInputError", "add_sample_args", "check_inputs", "main", "run"]
+__all__ = ["SampleInputError", "add_sample_args", "check_inputs", "main", "read_condition_video", "run",
+           "task_condition"]

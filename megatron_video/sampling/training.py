@@ -1,6 +1,9 @@
 """Videos during training: every --sample-interval iterations the model (or its EMA with --eval-ema) samples the
 fixed prompts of --sample-prompts with fixed seeds (--seed + i); the decoded videos go to TensorBoard.
 
+Inpainting models (pretrain_i2v.py) sample image-to-video: every prompt starts from the first frame of
+--sample-cond-image, conditioned by the inpainting config's `masked_latents` convention as in training.
+
 Every rank of every replica samples every prompt (the model's TP / CP / PP ranks must run together; replicas
 repeat the work instead of exchanging videos), and the TensorBoard rank (the last) decodes and logs them."""
 
@@ -17,7 +20,9 @@ from megatron_video.sampling.cli import (
     build_vae,
     check_shape,
     latent_size,
+    read_condition_video,
     read_lines,
+    task_condition,
     text_encoder,
     vae_factors,
 )
@@ -36,6 +41,9 @@ def add_training_sample_args(group: Any) -> None:
                        help="text encoders for the prompts: T5 + CLIP (--t5-path/--clip-path) or the stand-in")
     group.add_argument("--sample-stand-in-vae", type=int, default=None, metavar="FACTOR",
                        help="decode with the space-to-depth stand-in VAE instead of the WF-VAE (--vae-path)")
+    group.add_argument("--sample-cond-image", type=str, default=None,
+                       help="inpainting (i2v) models: an image or video file of the sample size whose first frame "
+                            "every training-time sample starts from (image-to-video)")
 
 
 def sample_shape(args: argparse.Namespace) -> tuple[int, int, int]:
@@ -65,12 +73,30 @@ def check_sample_args(args: argparse.Namespace) -> list[str]:
     if args.sample_encoders == "osp" and not (args.t5_path and args.clip_path):
         raise SampleInputError("--sample-encoders osp needs --t5-path and --clip-path")
     cfg = args.model_config
+    factors = vae_factors(args.sample_stand_in_vae, args.vae_config)
+    check_shape(cfg, factors, *sample_shape(args), flags=("--sample-shape T", "--sample-shape H", "--sample-shape W"))
     if cfg.condition_channels:
-        raise SampleInputError("--sample-interval samples text-to-video models; sample inpainting checkpoints with "
-                               "tools/sample.py --task")
-    check_shape(cfg, vae_factors(args.sample_stand_in_vae, args.vae_config), *sample_shape(args),
-                flags=("--sample-shape T", "--sample-shape H", "--sample-shape W"))
+        check_inpaint_sample_args(args, factors[0])
+    elif args.sample_cond_image is not None:
+        raise SampleInputError("--sample-cond-image conditions inpainting models; this model config has no "
+                               "condition_channels")
     return prompts
+
+
+def check_inpaint_sample_args(args: argparse.Namespace, temporal_factor: int) -> None:
+    """An inpainting model samples image-to-video: the conditioning image, the VAE's frame folding, the config."""
+    from megatron_video.inpaint.folding import TIME_STRIDE
+
+    if getattr(args, "inpaint_config", None) is None:
+        raise SampleInputError("--sample-interval with an inpainting model (condition_channels > 0) runs under "
+                               "pretrain_i2v.py (--inpaint-config gives the conditioning convention)")
+    if args.sample_cond_image is None:
+        raise SampleInputError("--sample-interval with an inpainting model needs --sample-cond-image (the first "
+                               "frame the samples start from)")
+    if temporal_factor != TIME_STRIDE:
+        raise SampleInputError(f"the inpainting masks fold {TIME_STRIDE} frames per latent frame as trained; the "
+                               f"sampling VAE compresses time by {temporal_factor} (use the WF-VAE, --vae-path)")
+    read_condition_video(args.sample_cond_image, *sample_shape(args))  # exists, readable, the sample size
 
 
 class TrainingSampler:
@@ -85,6 +111,14 @@ class TrainingSampler:
         self.encode_text = text_encoder(args.sample_encoders, args.t5_path, args.clip_path, cfg, device)
         self.vae = build_vae(args.sample_stand_in_vae, args.vae_path, args.vae_config, device)
         self.config = SamplerConfig(num_steps=args.sample_num_steps, guidance_scale=args.sample_guidance_scale)
+        self.condition = None
+        if cfg.condition_channels:  # image-to-video from the first frame of --sample-cond-image
+            from megatron_video.inpaint.config import load_inpaint_config
+
+            video = read_condition_video(args.sample_cond_image, *sample_shape(args)).to(device)
+            self.condition = task_condition("i2v", video, self.vae, self.latent[1:],
+                                            load_inpaint_config(args.inpaint_config).masked_latents,
+                                            chunk_size=args.vae_chunk_size)
         self.fps = args.data_config.shape.fps
 
     def due(self, iteration: int) -> bool:
@@ -102,16 +136,18 @@ class TrainingSampler:
             for index, prompt in enumerate(self.prompts):
                 noise = initial_noise(self.latent, [self.args.seed + index], self.device)
                 negative = self.encode_text([""]) if self.config.guidance_scale != 1.0 else None
-                latents = sample(parts.model, parts.module, noise, self.encode_text([prompt]), self.config, negative)
+                latents = sample(parts.model, parts.module, noise, self.encode_text([prompt]), self.config, negative,
+                                 self.condition)
                 if log.writer is not None:
                     video = self.vae.decode(latents, chunk_size=self.args.vae_chunk_size)[0].float()
                     log_video(log.writer, f"samples/{index:02d}", to_frames(video), iteration, self.fps)
                     videos.append(video)
         if log.writer is not None:
             log.writer.flush()
-        log.info("sampled %d prompt(s) at iteration %d (%s weights)", len(self.prompts), iteration,
-                 "EMA" if use_ema else "model")
+        log.info("sampled %d prompt(s) at iteration %d (%s weights%s)", len(self.prompts), iteration,
+                 "EMA" if use_ema else "model", ", image-to-video" if self.condition is not None else "")
         return videos
 
 
-__all__ = ["TrainingSampler", "add_training_sample_args", "check_sample_args", "sample_shape"]
+__all__ = ["TrainingSampler", "add_training_sample_args", "check_inpaint_sample_args", "check_sample_args",
+           "sample_shape"]

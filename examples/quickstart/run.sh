@@ -5,8 +5,8 @@
 #   bash examples/quickstart/run.sh            # OUT=outputs/quickstart ITERS=16 NPROC=4 are the defaults
 #
 # Knobs (environment): OUT, ITERS (total; half are trained, then resumed), NPROC and TP (ranks, tensor-parallel
-# size), MODEL_CONFIG (default examples/quickstart/model.yaml; the CI test passes a 4x narrower copy so that the
-# same pipeline runs in under a minute), SAMPLE_STEPS (Euler steps of the final video, default 10), MASTER_PORT.
+# size), MODEL_CONFIG (default examples/quickstart/model.yaml; the CI test passes a 4x narrower copy to keep the
+# test short), SAMPLE_STEPS (Euler steps of the final video, default 10), MASTER_PORT.
 #
 # The EMA (decay 0.9999) barely moves in 16 steps; it is exported for the format, the trained weights for the check.
 # The encoders are deterministic stand-ins (no weights can be downloaded here): a space-to-depth "VAE" (4x4 pixel

@@ -50,10 +50,10 @@ def reference_tp2_dp2(training_setup, tmp_path_factory: pytest.TempPathFactory) 
     """An uninterrupted 6-iteration fp32 TP=2 x DP=2 run of `training_setup` (with TensorBoard), shared by the
     tests that compare another layout, precision or a resumed run with it (constant learning rate, so its first
     iterations are those of any shorter run)."""
-    from tests.training_fixtures import losses, run_training, train_args
+    from tests.training_fixtures import losses, train_args, train_in_process
 
     tensorboard = tmp_path_factory.mktemp("tb")
-    code, log = run_training(4, train_args(training_setup, 6, "--tensor-model-parallel-size", "2",
+    code, log = train_in_process(4, train_args(training_setup, 6, "--tensor-model-parallel-size", "2",
                                            "--tensorboard-dir", str(tensorboard)))
     assert code == 0, log[-3000:]
     assert list(tensorboard.glob("events.out.tfevents.*")), "TensorBoard events must be written"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.training_fixtures import TrainingSetup, losses, run_training, train_args
+from tests.training_fixtures import TrainingSetup, losses, train_args, train_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def setup(training_setup: TrainingSetup) -> TrainingSetup:
 
 
 def _run(setup: TrainingSetup, *flags: str) -> dict[int, float]:
-    code, log = run_training(4, train_args(setup, ITERS, *flags))
+    code, log = train_in_process(4, train_args(setup, ITERS, *flags))
     assert code == 0, log[-3000:]
     result = losses(log)
     assert sorted(result) == list(range(1, ITERS + 1)), log[-3000:]

@@ -20,7 +20,7 @@ from megatron_video.training.checkpointing import (
     save_checkpoint,
 )
 from tests.harness import RankFailure, run_distributed
-from tests.training_fixtures import make_training_setup, start_training, train_args, wait_for
+from tests.training_fixtures import start_training, train_args, wait_for
 
 
 class _DieWhenPickled:
@@ -91,8 +91,8 @@ def test_missing_or_corrupt_pointer_is_a_clear_error(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly(tmp_path: Path):
-    setup = make_training_setup(tmp_path / "setup")
+def test_sigterm_saves_and_exits_cleanly(tmp_path: Path, training_setup):
+    setup = training_setup
     save = tmp_path / "ckpt"
     proc = start_training(2, train_args(setup, 500, "--save", str(save)), tmp_path / "job.log")
     wait_for(tmp_path / "job.log", r"\] iteration\s+3/", proc)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.inpaint_fixtures import make_i2v_setup
-from tests.training_fixtures import losses, run_training
+from tests.training_fixtures import losses, train_in_process
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_i2v_from_t2v_checkpoint_trains_on_4_ranks(tmp_path: Path) -> None:
     setup = make_i2v_setup(tmp_path)
     t2v_model = tmp_path / "t2v_model.yaml"
     t2v_model.write_text(setup.model_config.read_text().replace("condition_channels: 12", ""))
-    code, log = run_training(4, ["--model-config", str(t2v_model), *common(setup, 1), "--save",
+    code, log = train_in_process(4, ["--model-config", str(t2v_model), *common(setup, 1), "--save",
                                  str(tmp_path / "t2v")])
     assert code == 0, log[-3000:]
     image = _conditioning_image(tmp_path / "first_frame.png")

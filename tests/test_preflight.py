@@ -230,13 +230,13 @@ def test_help_is_fast_and_quiet(entry):
 
 
 @pytest.mark.slow
-def test_first_run_with_load_equal_save_then_restart_without_load(tmp_path):
+def test_first_run_with_load_equal_save_then_restart_without_load(tmp_path, training_setup):
     """Today's failures, end to end: (1) the documented `--load` = `--save` failed on a job's first run with "no
     complete checkpoint" once the launch script had created the directory; (2) a restart without --load trained
     from iteration 1 and moved the tracker back. Also: --exit-duration-in-mins saves and exits (Megatron)."""
-    from tests.training_fixtures import make_training_setup, run_training, train_args
+    from tests.training_fixtures import run_training, train_args
 
-    setup = make_training_setup(tmp_path / "setup")
+    setup = training_setup
     save = tmp_path / "ckpt"
     save.mkdir()  # what launch_common.sh does before starting torchrun
     rc, log = run_training(1, train_args(setup, 500, "--save", str(save), "--load", str(save),

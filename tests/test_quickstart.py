@@ -1,7 +1,8 @@
 """The README's quickstart runs end to end (short): data, cache, train, resume, export, reload, sample.
 
-The same script as a user runs, through its documented knobs: 4 iterations instead of 16, the model narrowed to
-4 heads x 16 (tests/quickstart_fixtures.py) and 2 Euler steps for the final video instead of 10."""
+The same script as a user runs, through its documented knobs: 4 iterations instead of 16, 2 ranks (TP 2) instead
+of 4 (TP 2 x DP 2; every launch pays each rank's start-up, and DP is covered by the training tests), the model
+narrowed to 4 heads x 16 (tests/quickstart_fixtures.py) and 2 Euler steps for the final video instead of 10."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quickstart_script(tmp_path: Path):
     env = dict(os.environ, OUT=str(tmp_path / "qs"), ITERS="4", PYTHON=sys.executable, PYTHONPATH=str(REPO),
-               MASTER_PORT="29531", MODEL_CONFIG=str(narrow_quickstart_model(tmp_path / "model.yaml")),
-               SAMPLE_STEPS="2")
+               MASTER_PORT="29531", NPROC="2", TP="2", SAMPLE_STEPS="2",
+               MODEL_CONFIG=str(narrow_quickstart_model(tmp_path / "model.yaml")))
     proc = subprocess.run(["bash", str(REPO / "examples" / "quickstart" / "run.sh")], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr

@@ -98,6 +98,17 @@ def test_bad_inputs_fail_before_loading(tmp_path: Path, extra: list[str], messag
     assert code == 2 and message in err and "Traceback" not in err, err
 
 
+def test_inpainting_task_with_the_stand_in_vae_refused(tmp_path: Path):
+    """The inpainting masks fold frames by the WF-VAE's temporal stride; the space-to-depth stand-in keeps every
+    frame, so an i2v request with it is refused up front (it used to fail inside the mask folding)."""
+    files = _files(tmp_path, condition_channels=48 + 8)
+    (tmp_path / "first.png").write_bytes(b"")
+    code, err = _main(_argv(files, "--load", str(tmp_path), "--out", str(tmp_path / "o"), "--task", "i2v",
+                            "--cond-video", str(tmp_path / "first.png")))
+    assert code == 2 and "needs the WF-VAE (--vae-path)" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_prompt_file_and_too_many_negative_prompts(tmp_path: Path):
     files = _files(tmp_path)
     code, err = _main(_argv({**files, "prompts": tmp_path / "nope.txt"}, "--load", str(tmp_path), "--out", "o"))

@@ -78,8 +78,8 @@ def poisoned(setup: TrainingSetup, root: Path, sample_ids: list[int]) -> Trainin
 
 
 def train(data: TrainingSetup, iters: int, *extra: str) -> tuple[int, str]:
-    """One rank under torchrun; (exit code, log)."""
-    return fx.run_training(1, fx.train_args(data, iters, *extra), timeout=RUN_TIMEOUT)
+    """The trainer on one rank (in a process forked from the test harness's preloaded server); (exit code, log)."""
+    return fx.train_in_process(1, fx.train_args(data, iters, *extra), timeout=RUN_TIMEOUT)
 
 
 def extreme_entries(save: Path) -> list[dict]:

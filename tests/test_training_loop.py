@@ -23,10 +23,10 @@ from tests.training_fixtures import (
     checkpoint_tensors,
     kill_group,
     losses,
-    run_training,
     same_values,
     start_training,
     train_args,
+    train_in_process,
     wait_for,
 )
 
@@ -51,7 +51,7 @@ def test_exact_resume_after_sigkill(setup: TrainingSetup, tmp_path: Path):
     docs/PERFORMANCE.md.)"""
     save, reference = tmp_path / "ckpt", tmp_path / "reference"
     args = train_args(setup, 9, "--save", str(save), "--save-interval", "3")
-    code, log = run_training(2, train_args(setup, 9, "--save", str(reference), "--save-interval", "9"))
+    code, log = train_in_process(2, train_args(setup, 9, "--save", str(reference), "--save-interval", "9"))
     assert code == 0, log[-3000:]
     uninterrupted = losses(log)
 
@@ -61,7 +61,7 @@ def test_exact_resume_after_sigkill(setup: TrainingSetup, tmp_path: Path):
     resumed_from = latest_iteration(save)
     assert resumed_from is not None and resumed_from % 3 == 0 and resumed_from < 9
 
-    code, log = run_training(2, [*args, "--load", str(save)])
+    code, log = train_in_process(2, [*args, "--load", str(save)])
     assert code == 0, log[-3000:]
     resumed = losses(log)
     assert sorted(resumed) == list(range(resumed_from + 1, 10))
@@ -102,9 +102,9 @@ def test_checkpoint_reshards_across_tp_and_dp(setup: TrainingSetup, tmp_path: Pa
     (The other direction, TP merged and DP split, is tests/test_optim_ema.py's TP2 x DP2 -> TP1 x DP2 reshard
     with the optimizer and EMA, and tests/test_adaptor_cpu.py's.)"""
     save = tmp_path / "ckpt"
-    code, log = run_training(4, train_args(setup, 3, "--tensor-model-parallel-size", "1", "--save", str(save)))
+    code, log = train_in_process(4, train_args(setup, 3, "--tensor-model-parallel-size", "1", "--save", str(save)))
     assert code == 0, log[-3000:]
-    code, log = run_training(4, train_args(setup, 6, "--tensor-model-parallel-size", "2", "--load", str(save)))
+    code, log = train_in_process(4, train_args(setup, 6, "--tensor-model-parallel-size", "2", "--load", str(save)))
     assert code == 0, log[-3000:]
     resumed = losses(log)
     assert sorted(resumed) == [4, 5, 6]
@@ -115,7 +115,7 @@ def test_checkpoint_reshards_across_tp_and_dp(setup: TrainingSetup, tmp_path: Pa
 def test_eight_ranks_tp_cp_dp_match_tp_dp(setup: TrainingSetup, reference_tp2_dp2: dict[int, float]):
     """TP 2 x CP 2 x DP 2 (+ Megatron-SP) trains the same model as TP 2 x DP 2: context parallel only splits
     each sample's tokens, so the losses agree to round-off."""
-    code, log = run_training(8, train_args(setup, 3, "--tensor-model-parallel-size", "2",
+    code, log = train_in_process(8, train_args(setup, 3, "--tensor-model-parallel-size", "2",
                                            "--context-parallel-size", "2", "--sequence-parallel"))
     assert code == 0, log[-3000:]
     curve = losses(log)

@@ -71,6 +71,35 @@ def run_training(nproc: int, args: list[str], timeout: float = 300) -> tuple[int
     return proc.returncode, proc.stdout + proc.stderr
 
 
+def _pretrain_on_rank(argv: list[str]) -> tuple[int, str]:
+    """One rank of `train_in_process`: pretrain() with this rank's output captured."""
+    import contextlib
+    import io
+
+    from megatron_video.training.loop import pretrain
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = pretrain(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return code, out.getvalue()
+
+
+def train_in_process(nproc: int, args: list[str], timeout: float = 300) -> tuple[int, str]:
+    """The trainer (`pretrain`, what pretrain_t2v.py runs after its preflight) on `nproc` gloo ranks forked from
+    the test harness's preloaded server: the same training as `run_training` without a launcher and without each
+    rank importing torch and megatron-core afresh (about 11 s of CPU per rank). For tests about what training
+    computes; tests of the command line, the preflight, signals or the launcher use `run_training`.
+    Returns (the highest exit code, every rank's output)."""
+    from megatron_video.parallel.spawn import run_distributed
+
+    results = run_distributed(_pretrain_on_rank, nproc, ["--device", "cpu", *args], timeout=timeout,
+                              threads_per_rank=1)
+    return max(code for code, _ in results), "".join(log for _, log in results)
+
+
 def losses(log: str) -> dict[int, float]:
     return {int(m.group(1)): float(m.group(2)) for m in ITERATION_LINE.finditer(log)}
 

@@ -115,6 +115,9 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         raise SampleInputError(f"--task {args.task} needs an inpainting model (condition_channels > 0)")
     if cfg.condition_channels and args.task != "t2v" and not (args.cond_video and Path(args.cond_video).is_file()):
         raise SampleInputError(f"--task {args.task} needs --cond-video (an existing file)")
+    if cfg.condition_channels and args.task != "t2v" and args.stand_in_vae is not None:
+        raise SampleInputError(f"--task {args.task} needs the WF-VAE (--vae-path): the inpainting masks fold frames "
+                               "by its 8x temporal compression, which the --stand-in-vae stand-in does not have")
     if args.encoders == "osp" and not (args.t5_path and args.clip_path):
         raise SampleInputError("--encoders osp needs --t5-path and --clip-path (or --encoders stub)")
     if args.released is not None and not Path(args.released).exists():

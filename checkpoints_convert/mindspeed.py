@@ -25,13 +25,11 @@ from typing import Any
 import torch
 
 from checkpoints_convert.layout import split_dim
-from checkpoints_convert.ours import LEGACY_FILE, CheckpointFormatError
+from checkpoints_convert.rank_shards import CheckpointFormatError, RankShards, has_rank_dirs, rank_files
 from checkpoints_convert.sources import SourceError
-from checkpoints_convert.tensorio import drop_mapped_pages, file_mappings
 
 FLAVOURS = ("mindspeed-mm", "osp-fork")
 TRACKER = "latest_checkpointed_iteration.txt"
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 
 # MindSpeed-MM's name of each released attention module (attn1.<module>).
 MINDSPEED_ATTN_NAMES = {
@@ -87,7 +85,7 @@ def resolve_upstream_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointFormatError(f"checkpoint directory not found: {path}")
-    if any(_RANK_DIR.match(p.name) for p in path.iterdir()):
+    if has_rank_dirs(path):
         return path
     tracker = path / TRACKER
     if not tracker.is_file():
@@ -118,71 +116,37 @@ class UpstreamLegacyReader:
                                            "only 'model' (MindSpeed-MM keeps no EMA weights)"))
         self.directory = resolve_upstream_dir(path)
         self.what = f"{self.directory} ({flavour}, {weights})"
-        files: dict[tuple[int, int], Path] = {}
-        for sub in self.directory.iterdir():
-            match = _RANK_DIR.match(sub.name)
-            if match and sub.is_dir():
-                files[(int(match[1]), int(match[2] or 0))] = sub / LEGACY_FILE
-        self.tp = 1 + max(t for t, _ in files)
-        self.pp = 1 + max(p for _, p in files)
-        missing = [f"mp_rank_{t:02d}" + (f"_{p:03d}" if self.pp > 1 else "") for t in range(self.tp)
-                   for p in range(self.pp) if not files.get((t, p), Path("/nonexistent")).is_file()]
-        if missing:
-            raise CheckpointFormatError(f"{self.directory}: incomplete checkpoint, missing {missing[:4]}")
+        files = rank_files(self.directory)
         rename = from_mindspeed_key if flavour == "mindspeed-mm" else (lambda k: k)
-        self.shards: dict[tuple[int, int], dict[str, Any]] = {}
+        shards: dict[tuple[int, int], dict[str, Any]] = {}
         self.iteration: int | None = None
         for (t, p), file in sorted(files.items()):
             obj = load_foreign_pt(file)
             if not isinstance(obj, dict) or not isinstance(obj.get(entry), dict):
                 found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
                 raise CheckpointFormatError(f"{file}: no {entry!r} state dict (found {found})")
-            self.shards[(t, p)] = {rename(k): v for k, v in obj[entry].items()}
+            shards[(t, p)] = {rename(k): v for k, v in obj[entry].items()}
             if isinstance(obj.get("iteration"), int):
                 self.iteration = obj["iteration"]
-        self._mappings = file_mappings(files.values())
-        self._where: dict[str, int] = {}
-        for p in range(self.pp):
-            keys = list(self.shards[(0, p)])
-            if any(list(self.shards[(t, p)]) != keys for t in range(1, self.tp)):
-                raise CheckpointFormatError(f"{self.directory}: TP ranks of pipeline stage {p} hold different keys")
-            for key in keys:
-                if key in self._where:
-                    raise CheckpointFormatError(f"{self.directory}: {key} is on pipeline stages {self._where[key]} "
-                                                f"and {p} (blocks must be numbered globally)")
-                self._where[key] = p
+        self.ranks = RankShards(self.directory, shards, files.values())
+        self.tp, self.pp = self.ranks.tp, self.ranks.pp
         self.drift: dict[str, float] = {}
 
-    def _values(self, key: str) -> list[Any]:
-        p = self._where[key]
-        return [self.shards[(t, p)][key] for t in range(self.tp)]
-
     def keys(self) -> list[str]:
-        return list(self._where)
+        return self.ranks.keys()
 
     def shape(self, key: str) -> tuple[int, ...] | None:
-        values = self._values(key)
-        if key.endswith("._extra_state") or not isinstance(values[0], torch.Tensor):
-            return None
-        dim = split_dim(key)
-        shapes = [tuple(v.shape) for v in values]
-        if dim is None or len(shapes[0]) <= dim:
-            if len(set(shapes)) != 1:
-                raise CheckpointFormatError(f"{self.directory}: {key} has different shapes on TP ranks: {shapes}")
-            return shapes[0]
-        if len({s[:dim] + s[dim + 1:] for s in shapes}) != 1:
-            raise CheckpointFormatError(f"{self.directory}: TP slices of {key} do not fit together: {shapes}")
-        return shapes[0][:dim] + (sum(s[dim] for s in shapes),) + shapes[0][dim + 1:]
+        return self.ranks.shape(key)
 
     def shapes(self) -> dict[str, tuple[int, ...] | None]:
-        return {key: self.shape(key) for key in self._where}
+        return self.ranks.shapes()
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._values(key)[0].dtype
+        return self.ranks.dtype(key)
 
     def get(self, key: str) -> Any:
         """The merged tensor; None for `._extra_state` entries (Megatron's parallel linears keep nothing there)."""
-        values = self._values(key)
+        values = self.ranks.values(key)
         if key.endswith("._extra_state") or not isinstance(values[0], torch.Tensor):
             return None
         dim = split_dim(key)
@@ -195,9 +159,7 @@ class UpstreamLegacyReader:
         return values[0]
 
     def release(self, key: str) -> None:
-        for value in self._values(key):
-            if isinstance(value, torch.Tensor):
-                drop_mapped_pages(value, self._mappings)
+        self.ranks.release(key)
 
 
 __all__ = ["FLAVOURS", "MINDSPEED_ATTN_NAMES", "UpstreamLegacyReader", "from_mindspeed_key", "load_foreign_pt",

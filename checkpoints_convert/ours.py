@@ -17,21 +17,22 @@ from typing import Any
 
 import torch
 
-from checkpoints_convert.layout import block_of, split_dim, tp_merge
+from checkpoints_convert.layout import block_of, tp_merge
+from checkpoints_convert.rank_shards import (
+    LEGACY_FILE,
+    CheckpointFormatError,
+    RankShards,
+    has_rank_dirs,
+    legacy_rank_dir,
+    rank_files,
+)
 from checkpoints_convert.sources import SourceError, load_pt
-from checkpoints_convert.tensorio import drop_mapped_pages, file_mappings
 from megatron_video.models.suv_mmdit.config import SUVConfig
 from megatron_video.models.suv_mmdit.state_dict_adapter import from_released_key, to_released_key
 from megatron_video.training.checkpointing import TRACKER, fresh_tmp_dir, iteration_dir, publish_checkpoint
 
-LEGACY_FILE = "model_optim_rng.pt"
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 # Weights only: no per-rank RNG state (no "has_rng_state"), so load_checkpoint never asks for one.
 FINETUNE_COMMON = {"train": {"iteration": 0, "consumed_samples": 0}, "world_size": 1}
-
-
-class CheckpointFormatError(ValueError):
-    """A checkpoint directory that is not what it should be."""
 
 
 def ensure_process_group() -> None:
@@ -69,7 +70,7 @@ def resolve_iteration(path: str | Path, iteration: int | None = None) -> Path:
 def detect_format(directory: Path) -> str:
     if (directory / "metadata.json").is_file():
         return "dist"
-    if any(_RANK_DIR.match(p.name) for p in directory.iterdir() if p.is_dir()):
+    if has_rank_dirs(directory):
         return "legacy"
     raise CheckpointFormatError(f"{directory}: neither a dist_checkpointing directory (metadata.json) nor a "
                                 "legacy one (mp_rank_* folders)")
@@ -158,10 +159,6 @@ class DistReader:
 
 # --- legacy ---------------------------------------------------------------------------------------------------
 
-def legacy_rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-
-
 def config_dict(cfg: SUVConfig) -> dict[str, Any]:
     """The config as plain values (stored in legacy files; loadable with weights_only=True)."""
     from dataclasses import asdict
@@ -170,77 +167,40 @@ def config_dict(cfg: SUVConfig) -> dict[str, Any]:
 
 
 class LegacyReader:
-    """Full released-name tensors of a legacy checkpoint: TP slices are concatenated one key at a time."""
+    """Full released-name tensors of our legacy checkpoint: TP slices are concatenated one key at a time,
+    replicas must be equal (layout.tp_merge)."""
 
     def __init__(self, directory: Path, weights: str = "model") -> None:
         self.directory = directory
-        ranks: dict[tuple[int, int], Path] = {}
-        for path in directory.iterdir():
-            match = _RANK_DIR.match(path.name)
-            if match and path.is_dir():
-                ranks[(int(match[1]), int(match[2] or 0))] = path / LEGACY_FILE
-        self.tp = 1 + max(t for t, _ in ranks)
-        self.pp = 1 + max(p for _, p in ranks)
-        missing = [legacy_rank_dir(t, p, self.pp) for t in range(self.tp) for p in range(self.pp)
-                   if not ranks.get((t, p), Path("/nonexistent")).is_file()]
-        if missing:
-            raise CheckpointFormatError(f"{directory}: incomplete legacy checkpoint, missing {missing[:4]}")
-        self.files: dict[tuple[int, int], dict[str, Any]] = {}
+        files = rank_files(directory)
+        shards: dict[tuple[int, int], dict[str, Any]] = {}
         self.stored_config: dict[str, Any] | None = None
-        for (t, p), path in sorted(ranks.items()):
+        for (t, p), path in sorted(files.items()):
             try:
                 obj = load_pt(path)
             except SourceError as exc:
                 raise CheckpointFormatError(str(exc)) from exc
             if not isinstance(obj, dict) or not isinstance(obj.get(weights), dict):
                 raise CheckpointFormatError(f"{path}: no {weights!r} state dict in the file")
-            self.files[(t, p)] = obj[weights]
+            shards[(t, p)] = obj[weights]
             self.stored_config = self.stored_config or obj.get("suv_config")
-        self._mappings = file_mappings(ranks.values())
-        self._where: dict[str, int] = {}
-        for p in range(self.pp):
-            keys = list(self.files[(0, p)])
-            for t in range(1, self.tp):
-                if list(self.files[(t, p)]) != keys:
-                    raise CheckpointFormatError(f"{directory}: TP ranks of pipeline stage {p} hold different keys")
-            for key in keys:
-                if key in self._where:
-                    raise CheckpointFormatError(f"{directory}: {key} is on pipeline stages {self._where[key]} and {p}")
-                self._where[key] = p
+        self.ranks = RankShards(directory, shards, files.values())
+        self.tp, self.pp = self.ranks.tp, self.ranks.pp
 
     def shapes(self) -> dict[str, tuple[int, ...] | None]:
-        out: dict[str, tuple[int, ...] | None] = {}
-        for key, p in self._where.items():
-            values = [self.files[(t, p)][key] for t in range(self.tp)]
-            if not isinstance(values[0], torch.Tensor):
-                out[key] = None
-                continue
-            shapes = [tuple(v.shape) for v in values]
-            dim = split_dim(key)
-            rest = {s[:dim] + s[dim + 1:] if dim is not None else s for s in shapes}
-            if len(rest) != 1 or (dim is not None and len(shapes[0]) <= dim):
-                raise CheckpointFormatError(f"{self.directory}: TP slices of {key} do not fit together: {shapes}")
-            if dim is None:
-                out[key] = shapes[0]
-            else:
-                out[key] = shapes[0][:dim] + (sum(s[dim] for s in shapes),) + shapes[0][dim + 1:]
-        return out
+        return self.ranks.shapes()
 
     def dtype(self, key: str) -> torch.dtype:
-        return self.files[(0, self._where[key])][key].dtype
+        return self.ranks.dtype(key)
 
     def get(self, key: str) -> Any:
-        p = self._where[key]
-        values = [self.files[(t, p)][key] for t in range(self.tp)]
+        values = self.ranks.values(key)
         if not isinstance(values[0], torch.Tensor):
             return values[0]
         return tp_merge(key, values)
 
     def release(self, key: str) -> None:
-        for t in range(self.tp):
-            value = self.files[(t, self._where[key])][key]
-            if isinstance(value, torch.Tensor):
-                drop_mapped_pages(value, self._mappings)
+        self.ranks.release(key)
 
 
 def released_to_ours(keys: Iterable[str], cfg: SUVConfig) -> dict[str, str]:

@@ -157,38 +157,44 @@ def check_weights(args: argparse.Namespace, module: torch.nn.Module) -> None:
 
 
 def load_weights(args: argparse.Namespace, module: torch.nn.Module) -> None:
-    from megatron.core import parallel_state as mpu
-
     if args.released is not None:
-        from checkpoints_convert.sources import open_released
-        from megatron_video.models.suv_mmdit.state_dict_adapter import from_released_key, shard_released
-
-        source = open_released(args.released)
-        own = {k: v for k, v in module.state_dict().items() if not k.endswith("._extra_state")}
-        full = {}
-        for key in source.keys():
-            if key.endswith("._extra_state"):
-                continue
-            try:
-                name = from_released_key(key, module.cfg)
-            except KeyError:  # e.g. the last block's text modules, which this config does not build
-                continue
-            if name in own:
-                full[key] = source.get(key)
-        ours = {from_released_key(k, module.cfg): v for k, v in shard_released(
-            full, mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()).items()}
-        missing = sorted(set(own) - set(ours))
-        if missing:
-            raise SampleInputError(f"--released {args.released} lacks {missing[:4]}")
-        result = module.load_state_dict({k: v.to(own[k].dtype) for k, v in ours.items()}, strict=False)
-        if result.unexpected_keys or any(not k.endswith("._extra_state") for k in result.missing_keys):
-            raise SampleInputError(f"--released {args.released} does not fit this model: {result}")
+        load_released_weights(args.released, module)
         return
     from megatron_video.training.checkpointing import load_checkpoint, model_sharded_state_dict
 
     prefix = args.weights + "."
     _, loaded, _ = load_checkpoint(args.load, lambda: {"weights": model_sharded_state_dict(module, prefix=prefix)})
     module.load_state_dict(loaded["weights"], strict=True)
+
+
+def load_released_weights(path: str, module: torch.nn.Module, flag: str = "--released") -> None:
+    """Released-format weights (.safetensors, .pt or a diffusers folder) into the denoiser `module`, this TP rank's
+    slices, every parameter set (SampleInputError otherwise)."""
+    from megatron.core import parallel_state as mpu
+
+    from checkpoints_convert.sources import open_released
+    from megatron_video.models.suv_mmdit.state_dict_adapter import from_released_key, shard_released
+
+    source = open_released(path)
+    own = {k: v for k, v in module.state_dict().items() if not k.endswith("._extra_state")}
+    full = {}
+    for key in source.keys():
+        if key.endswith("._extra_state"):
+            continue
+        try:
+            name = from_released_key(key, module.cfg)
+        except KeyError:  # e.g. the last block's text modules, which this config does not build
+            continue
+        if name in own:
+            full[key] = source.get(key)
+    ours = {from_released_key(k, module.cfg): v for k, v in shard_released(
+        full, mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()).items()}
+    missing = sorted(set(own) - set(ours))
+    if missing:
+        raise SampleInputError(f"{flag} {path} lacks {missing[:4]}")
+    result = module.load_state_dict({k: v.to(own[k].dtype) for k, v in ours.items()}, strict=False)
+    if result.unexpected_keys or any(not k.endswith("._extra_state") for k in result.missing_keys):
+        raise SampleInputError(f"{flag} {path} does not fit this model: {result}")
 
 
 def text_encoder(kind: str, t5_path: str | None, clip_path: str | None, cfg: Any, device: torch.device) -> Any:
@@ -342,5 +348,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["SampleInputError", "add_sample_args", "check_inputs", "main", "read_condition_video", "run",
-           "task_condition"]
+__all__ = ["SampleInputError", "add_sample_args", "check_inputs", "load_released_weights", "main",
+           "read_condition_video", "run", "task_condition"]

@@ -15,6 +15,7 @@ ControlConfig), `base` and `base_fingerprint` (the frozen base it was trained on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -60,7 +61,6 @@ def export_controller(checkpoint: str | Path, out: str | Path, weights: str = "m
     """Write the controller of a pretrain_control.py checkpoint (`weights`: its model or EMA weights) to `out`."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor, load_tensors_metadata
-    from safetensors.torch import save_file
 
     from checkpoints_convert.ours import ensure_process_group, resolve_iteration
     from megatron_video.control.training import CONTROL_RECORD
@@ -82,28 +82,50 @@ def export_controller(checkpoint: str | Path, out: str | Path, weights: str = "m
     request = {k: ShardedTensor.from_rank_offsets(k, torch.empty(tuple(m.global_shape), dtype=m.dtype), replica_id=0)
                for k, m in metas.items()}
     loaded = dist_checkpointing.load(request, str(directory))
-    tensors = {to_export_name(k[len(prefix):]): loaded[k].contiguous() for k in sorted(metas)}
-    metadata = {"format": FORMAT, "signal": record["signal"], "control_config": json.dumps(record["config"]),
-                "base": record["base"], "base_fingerprint": record["base_fingerprint"], "weights": weights,
-                "iteration": str(common.get("train", {}).get("iteration", ""))}
+    tensors = {k[len(prefix):]: loaded[k] for k in sorted(metas)}
+    control = ControlConfig(**record["config"])
+    return write_controller_file(out, tensors, control, record["signal"], base=record["base"],
+                                 base_fingerprint=record["base_fingerprint"], weights=weights,
+                                 iteration=str(common.get("train", {}).get("iteration", "")))
+
+
+def write_controller_file(out: str | Path, tensors: dict[str, torch.Tensor], control: ControlConfig, signal: str,
+                          **metadata: str) -> Path:
+    """Full controller tensors (by controller state-dict name) -> the exported file, written atomically."""
+    from safetensors.torch import save_file
+
+    header = {"format": FORMAT, "signal": signal, "control_config": json.dumps(dataclasses.asdict(control)),
+              **metadata}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    save_file({to_export_name(k): v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
     tmp.replace(out)
     return out
+
+
+def controller_metadata(path: str | Path) -> tuple[dict[str, str], ControlConfig]:
+    """(metadata, architecture) of an exported file, from its header only."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a safetensors file ({exc})") from exc
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an exported structure controller (format {metadata.get('format')!r})")
+    return metadata, ControlConfig(**json.loads(metadata["control_config"]))
 
 
 def read_controller_file(path: str | Path) -> tuple[dict[str, str], ControlConfig, dict[str, torch.Tensor]]:
     """(metadata, architecture, full tensors by controller state-dict name) of an exported file."""
     from safetensors import safe_open
 
+    metadata, control = controller_metadata(path)
     with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an exported structure controller (format {metadata.get('format')!r})")
         tensors = {from_export_name(k): handle.get_tensor(k) for k in handle.keys()}
-    return metadata, ControlConfig(**json.loads(metadata["control_config"])), tensors
+    return metadata, control, tensors
 
 
 def load_controller_weights(controller: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -128,5 +150,5 @@ def load_controller_weights(controller: torch.nn.Module, tensors: dict[str, torc
     controller.load_state_dict(state, strict=False)
 
 
-__all__ = ["FORMAT", "export_controller", "from_export_name", "load_controller_weights", "read_controller_file",
-           "to_export_name"]
+__all__ = ["FORMAT", "controller_metadata", "export_controller", "from_export_name", "load_controller_weights",
+           "read_controller_file", "to_export_name", "write_controller_file"]

@@ -237,27 +237,24 @@ def test_refusals(setup: Path, tmp_path: Path, capsys):
 
 
 @pytest.mark.slow
-def test_resume_with_another_base_is_refused(setup: Path, trained, tmp_path: Path):
-    """Through the entry point: one line, exit 2, before any process group or model."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.training_fixtures import REPO
-
+def test_resume_with_another_base_is_refused(setup: Path, trained, tmp_path: Path, capsys):
+    """The pre-flight (one line, exit 2, before any process group or model) compares the base's fingerprint with
+    the record in the checkpoint --load resumes from; a checkpoint that is no controller's is refused too."""
     save, _ = trained
     other = tmp_path / "other.safetensors"
     other.write_bytes((setup / "base.safetensors").read_bytes()[:-4] + b"\0\0\0\0")  # same shapes, other values
     argv = _argv(setup, tmp_path / "new", "--load", str(save))
-    argv[argv.index("--base") + 1] = str(other)
     argv.remove("--sequence-parallel")  # one process: the pre-flight refuses before any parallel layout is needed
     tp = argv.index("--tensor-model-parallel-size")
     del argv[tp:tp + 2]
-    run = subprocess.run([sys.executable, str(REPO / "pretrain_control.py"), *argv], cwd=REPO, capture_output=True,
-                         text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
-    assert run.returncode == 2, run.stderr[-3000:]
-    assert run.stderr.count("error:") == 1 and "Traceback" not in run.stderr
-    assert f"--base {other} (fingerprint" in run.stderr and "is not the base --load" in run.stderr, run.stderr
+    argv[argv.index("--base") + 1] = str(other)
+    err = _preflight(capsys, argv)
+    assert f"--base {other} (fingerprint" in err and f"is not the base --load {save} was trained on" in err, err
+    argv[argv.index("--base") + 1] = str(setup / "base.safetensors")
+    argv[argv.index("--control-blocks") + 1] = "2"
+    argv[argv.index("--save") + 1] = str(tmp_path / "new2")  # (the first check holds the lock on the first)
+    err = _preflight(capsys, argv)
+    assert f"--load {save} was trained with config" in err and "the --control-* flags give" in err, err
 
 
 def structure_sampling_worker(root: Path) -> dict:
@@ -272,10 +269,12 @@ def structure_sampling_worker(root: Path) -> dict:
     from megatron_video.models.control import ControlConfig, StructureController
     from megatron_video.models.registry import model_config_from_mapping
     from megatron_video.models.suv_mmdit import SUVMMDiT, megatron_config
+    from megatron_video.parallel import initialize_parallel
     from megatron_video.sampling.cli import main, read_condition_video
     from megatron_video.sampling.video import write_mp4
     from tests.test_sample_tool import MODEL, _argv, _files
 
+    initialize_parallel()  # to build the controller here (tools/sample.py builds its own groups again)
     files = _files(root)
     cfg = model_config_from_mapping(MODEL)
     write_random_released(root / "base.safetensors", cfg, last_block_text=False, dtype=torch.float32)

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from megatron_video.control.signals import SIGNAL_KINDS, check_signal_source, from_levels, signal_extractor
-from megatron_video.models.control import ControlConfig
 
 CONTROL_RECORD = "control"  # the key of the controller's record in every checkpoint's common state
 _ITER_DIR = re.compile(r"^iter_\d{7}$")
@@ -52,7 +51,10 @@ def add_control_args(parser: argparse.ArgumentParser) -> None:
                    help="pixels per latent pixel of the video VAE (WF-VAE: 8)")
 
 
-def control_config(args: argparse.Namespace) -> ControlConfig:
+def control_config(args: argparse.Namespace) -> Any:
+    """The ControlConfig the --control-* flags describe (imported here: --help must not import megatron)."""
+    from megatron_video.models.control import ControlConfig
+
     return ControlConfig(signal_channels=1, temporal_downsample=args.control_temporal_downsample,
                          spatial_downsample=args.control_spatial_downsample,
                          conv_channels=args.control_conv_channels, num_blocks=args.control_blocks)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from megatron_video.control.signals import add_signal_source_args  # noqa: E402
 from megatron_video.data.cache_builder import build_cache, merge_index, stub_encoders  # noqa: E402
 from megatron_video.data.config import DataConfig  # noqa: E402
 from megatron_video.data.dataset import VideoDataset  # noqa: E402
@@ -86,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--what", choices=["both", "latents", "text"], default="both")
     p.add_argument("--structure", default=None, metavar="KIND",
                    help="also cache the structure controller's signal: canny, depth or sketch")
-    p.add_argument("--structure-model", default=None,
-                   help="depth: a local transformers DPT directory; sketch: a local safetensors file")
-    p.add_argument("--structure-sketch-arch", default=None, metavar="MODULE:FUNCTION",
-                   help="sketch: the function that builds the (PiDiNet-style) network")
+    add_signal_source_args(p)
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")

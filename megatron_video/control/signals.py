@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -190,6 +191,15 @@ def resolve_callable(spec: str) -> Callable[[], nn.Module]:
     return getattr(importlib.import_module(module), name)
 
 
+def add_signal_source_args(group: Any) -> None:
+    """--structure-model / --structure-sketch-arch: where the depth and sketch networks come from (an argparse
+    parser or group; the same flags in pretrain_control.py, tools/cache_features.py and tools/sample.py)."""
+    group.add_argument("--structure-model", type=str, default=None,
+                       help="depth: a local transformers DPT directory; sketch: a local safetensors file")
+    group.add_argument("--structure-sketch-arch", type=str, default=None, metavar="MODULE:FUNCTION",
+                       help="sketch: the function that builds the PiDiNet-style network")
+
+
 def check_signal_source(kind: str, model_path: str | None, sketch_arch: str | None) -> None:
     """What `signal_extractor` needs, checked without loading anything (ValueError naming the flag)."""
     if kind not in SIGNAL_KINDS:
@@ -222,6 +232,6 @@ def signal_extractor(kind: str, model_path: str | None = None, sketch_arch: str 
     return extract
 
 
-__all__ = ["FrameSignal", "LEVELS", "SIGNAL_KINDS", "canny", "check_signal_source", "from_levels", "hysteresis",
-           "load_depth_estimator", "load_sketch_model", "non_max_suppression", "resolve_callable",
-           "signal_extractor", "sobel", "to_levels"]
+__all__ = ["FrameSignal", "LEVELS", "SIGNAL_KINDS", "add_signal_source_args", "canny", "check_signal_source",
+           "from_levels", "hysteresis", "load_depth_estimator", "load_sketch_model", "non_max_suppression",
+           "resolve_callable", "signal_extractor", "sobel", "to_levels"]

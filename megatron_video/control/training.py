@@ -23,7 +23,13 @@ from typing import Any
 
 import torch
 
-from megatron_video.control.signals import SIGNAL_KINDS, check_signal_source, from_levels, signal_extractor
+from megatron_video.control.signals import (
+    SIGNAL_KINDS,
+    add_signal_source_args,
+    check_signal_source,
+    from_levels,
+    signal_extractor,
+)
 
 CONTROL_RECORD = "control"  # the key of the controller's record in every checkpoint's common state
 _ITER_DIR = re.compile(r"^iter_\d{7}$")
@@ -38,11 +44,7 @@ def add_control_args(parser: argparse.ArgumentParser) -> None:
                    help="which weights of a --base checkpoint of ours")
     g.add_argument("--structure-signal", choices=SIGNAL_KINDS, required=True,
                    help="the structure signal the controller learns: canny edges, depth (MiDaS) or sketch (PiDiNet)")
-    g.add_argument("--structure-model", type=str, default=None,
-                   help="depth: a local transformers DPT directory; sketch: a local safetensors file (online signals "
-                        "only; a feature cache holds them computed)")
-    g.add_argument("--structure-sketch-arch", type=str, default=None, metavar="MODULE:FUNCTION",
-                   help="sketch: the function that builds the PiDiNet-style network")
+    add_signal_source_args(g)  # online signals only: a feature cache holds them computed
     g.add_argument("--control-blocks", type=int, default=2, help="K: transformer blocks of the controller's encoder")
     g.add_argument("--control-conv-channels", type=int, default=32, help="channels of the encoder's convolutions")
     g.add_argument("--control-temporal-downsample", type=int, default=4,

@@ -26,6 +26,8 @@ class SampleInputError(ValueError):
 
 
 def add_sample_args(parser: argparse.ArgumentParser) -> None:
+    from megatron_video.control.signals import add_signal_source_args
+
     g = parser.add_argument_group("sampling (tools/sample.py)")
     g.add_argument("--prompts", type=str, required=True, help="text file, one prompt per line")
     g.add_argument("--negative-prompt", type=str, default="", help="one negative prompt for every sample")
@@ -57,10 +59,7 @@ def add_sample_args(parser: argparse.ArgumentParser) -> None:
                    help="with --controller: the structure source, a video of the sampling size (its signal is "
                         "extracted) or a .safetensors file holding a computed `structure` (uint8 (1, T, H, W), as the "
                         "feature cache stores it)")
-    g.add_argument("--structure-model", type=str, default=None,
-                   help="depth / sketch controllers: the signal model's local path (control/signals.py)")
-    g.add_argument("--structure-sketch-arch", type=str, default=None, metavar="MODULE:FUNCTION",
-                   help="sketch controllers: the function that builds the sketch network")
+    add_signal_source_args(g)  # depth / sketch controllers
     g.add_argument("--out", type=str, required=True, help="output directory (MP4 files, latents, index)")
 
 

@@ -322,3 +322,17 @@ def test_sampling_structure_inputs_are_checked_first(tmp_path: Path):
     for extra, message in cases.items():
         code, err = _main([*argv, *extra])
         assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_cache_tool_refuses_a_signal_without_its_model(setup: Path, tmp_path: Path, capsys):
+    from megatron_video.tool_errors import run_tool
+    from tests.data_fixtures import load_tool
+
+    main = load_tool("cache_features").main
+    argv = ["--data-config", str(setup / "decode.yaml"), "--out", str(tmp_path / "cache"), "--structure"]
+    for kind, message in (("depth", "the depth signal needs its model from a local path (--structure-model), not "
+                                    "given"), ("edges", "unknown structure signal 'edges'")):
+        assert run_tool(main, [*argv, kind]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "cache").exists()  # refused before anything is written

@@ -93,6 +93,8 @@ def test_every_entry_point_refuses(tmp_path: Path):
                                 "--init-from-t2v", str(root)),
         "export": _run("-m", "checkpoints_convert", "export", str(root), "--preset", "tiny", "--safetensors",
                        str(tmp_path / "out.safetensors")),
+        "control --base": _run("pretrain_control.py", *train, "--structure-signal", "canny", "--base", str(root)),
+        "export_control": _run("tools/export_control.py", str(root), "--out", str(tmp_path / "c.safetensors")),
     }
     for name, run in runs.items():
         output = run.stdout + run.stderr

@@ -216,7 +216,7 @@ def test_lock_of_a_reused_pid_is_stale(tmp_path, monkeypatch):
     SaveDirLock(tmp_path).acquire().release()
 
 
-@pytest.mark.parametrize("entry", ["pretrain_t2v.py", "pretrain_i2v.py"])
+@pytest.mark.parametrize("entry", ["pretrain_t2v.py", "pretrain_i2v.py", "pretrain_control.py"])
 def test_help_is_fast_and_quiet(entry):
     """--help never imports megatron (seconds of imports and their warnings); measured as imports."""
     started = time.monotonic()

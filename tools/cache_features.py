@@ -8,6 +8,8 @@
 video_encoder(video (B, 3, T, H, W) in [-1, 1]) -> latents and
 text_encoder(list[str]) -> (t5 hidden (B, L, D), t5 mask (B, L), clip pooled (B, P));
 `stub` uses small deterministic stand-ins (for dry runs and tests).
+`--structure canny|depth|sketch` also stores the structure controller's input signal of each clip
+(control/signals.py; depth / sketch models from local paths only).
 Finished shards are skipped, so rerunning after an interruption only does the rest.
 """
 
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from megatron_video.control.signals import add_signal_source_args  # noqa: E402
 from megatron_video.data.cache_builder import build_cache, merge_index, stub_encoders  # noqa: E402
 from megatron_video.data.config import DataConfig  # noqa: E402
 from megatron_video.data.dataset import VideoDataset  # noqa: E402
@@ -82,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latent-kind", choices=["moments", "mean", "sample"], default=None,
                    help="what the video encoder returns (default: moments for osp, mean otherwise)")
     p.add_argument("--what", choices=["both", "latents", "text"], default="both")
+    p.add_argument("--structure", default=None, metavar="KIND",
+                   help="also cache the structure controller's signal: canny, depth or sketch")
+    add_signal_source_args(p)
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -91,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = load_data_config(a.data_config)
     check_metadata(config)  # a missing metadata file is named before any encoder loads
+    if a.structure is not None:
+        from megatron_video.control.signals import check_signal_source, signal_extractor
+
+        try:
+            check_signal_source(a.structure, a.structure_model, a.structure_sketch_arch)
+        except ValueError as exc:
+            raise SystemExit(f"--structure: {exc}") from None
     if a.encoders == "stub":
         a.latent_kind = "mean"
     elif a.latent_kind is None:
@@ -100,10 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         text_enc = None
     elif a.what == "text":
         video_enc = None
+    structure = (signal_extractor(a.structure, a.structure_model, a.structure_sketch_arch)
+                 if a.structure is not None else None)
     dataset = VideoDataset.from_config(config)
     t0 = time.perf_counter()
     report = build_cache(dataset, a.out, video_enc, text_enc, a.shard_size, a.rank, a.world_size,
-                         a.batch_size, DTYPES[a.dtype], a.latent_kind)
+                         a.batch_size, DTYPES[a.dtype], a.latent_kind, structure, a.structure)
     distributed = a.world_size > 1 and "MASTER_ADDR" in os.environ
     if distributed:
         torch.distributed.init_process_group("gloo")

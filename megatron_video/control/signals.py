@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -164,5 +165,73 @@ def load_sketch_model(path: str | Path, build: Callable[[], nn.Module],
     return FrameSignal(net.eval(), input_size)
 
 
-__all__ = ["FrameSignal", "canny", "hysteresis", "load_depth_estimator", "load_sketch_model",
-           "non_max_suppression", "sobel"]
+# ------------------------------------------------------------------------ the data pipeline's signals
+
+SIGNAL_KINDS = ("canny", "depth", "sketch")
+LEVELS = 255  # signals are stored and trained as uint8 levels: the feature cache's form, bitwise the same online
+
+
+def to_levels(signal: Tensor) -> Tensor:
+    """A [0, 1] signal -> uint8 levels 0..255 (canny's 0 / 1 maps are exact; a depth map loses < 1/510)."""
+    return torch.round(signal.float().clamp(0.0, 1.0) * LEVELS).to(torch.uint8)
+
+
+def from_levels(levels: Tensor) -> Tensor:
+    """uint8 levels -> the controller's float input in [0, 1]."""
+    return levels.float() / LEVELS
+
+
+def resolve_callable(spec: str) -> Callable[[], nn.Module]:
+    """"package.module:function" -> the function (a sketch network's architecture builder)."""
+    import importlib
+
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"expected 'package.module:function', got {spec!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def add_signal_source_args(group: Any) -> None:
+    """--structure-model / --structure-sketch-arch: where the depth and sketch networks come from (an argparse
+    parser or group; the same flags in pretrain_control.py, tools/cache_features.py and tools/sample.py)."""
+    group.add_argument("--structure-model", type=str, default=None,
+                       help="depth: a local transformers DPT directory; sketch: a local safetensors file")
+    group.add_argument("--structure-sketch-arch", type=str, default=None, metavar="MODULE:FUNCTION",
+                       help="sketch: the function that builds the PiDiNet-style network")
+
+
+def check_signal_source(kind: str, model_path: str | None, sketch_arch: str | None) -> None:
+    """What `signal_extractor` needs, checked without loading anything (ValueError naming the flag)."""
+    if kind not in SIGNAL_KINDS:
+        raise ValueError(f"unknown structure signal {kind!r}: choose one of {', '.join(SIGNAL_KINDS)}")
+    if kind == "canny":
+        return
+    if model_path is None or not Path(model_path).exists():
+        raise ValueError(f"the {kind} signal needs its model from a local path (--structure-model), "
+                         f"{'not given' if model_path is None else f'not found: {model_path}'}")
+    if kind == "sketch" and (sketch_arch is None or ":" not in sketch_arch):
+        raise ValueError("the sketch signal needs --structure-sketch-arch package.module:function (PiDiNet's "
+                         "architecture builder; no installable package ships it)")
+
+
+def signal_extractor(kind: str, model_path: str | None = None, sketch_arch: str | None = None
+                     ) -> Callable[[Tensor], Tensor]:
+    """The data pipeline's extractor: a video (B, 3, T, H, W) in [-1, 1] (the decoder's range) -> uint8 levels
+    (B, 1, T, H, W). The feature cache stores exactly this; online training computes the same."""
+    check_signal_source(kind, model_path, sketch_arch)
+    if kind == "canny":
+        net: Callable[[Tensor], Tensor] = canny
+    elif kind == "depth":
+        net = load_depth_estimator(model_path)
+    else:
+        net = load_sketch_model(model_path, resolve_callable(sketch_arch))
+
+    def extract(video: Tensor) -> Tensor:
+        return to_levels(net((video.float() + 1.0) / 2.0))
+
+    return extract
+
+
+__all__ = ["FrameSignal", "LEVELS", "SIGNAL_KINDS", "add_signal_source_args", "canny", "check_signal_source",
+           "from_levels", "hysteresis", "load_depth_estimator", "load_sketch_model", "non_max_suppression",
+           "resolve_callable", "signal_extractor", "sobel", "to_levels"]

@@ -5,6 +5,8 @@ Layout of a cache directory:
     empty_text.safetensors       the embeddings of "" (used for classifier-free-guidance dropout)
     shard_000000.safetensors     tensors "<sample id>/latent", and per caption variant j "<sample id>/<j>/t5"
                                  (trimmed to its valid length) and "<sample id>/<j>/clip"
+                                 and, when built with a structure signal, "<sample id>/structure" (the
+                                 controller's input: uint8 levels (1, T, H, W) at pixel resolution)
     shard_000000.parquet         the shard's index rows; written last, so its presence marks the shard done
     index.parquet                all rows (written once every shard is done; readers fall back to the shards)
 
@@ -108,8 +110,8 @@ def hash_seed(*values: int) -> int:
 
 class FeatureCacheDataset(Dataset):
     """Reads a feature cache. Item -> {"latent" (C, t, h, w) normalised, if cached; "t5_hidden" (L, D),
-    "t5_mask" (L,), "clip_pooled" (P,) if cached; "caption", "sample_id", "requested_id", "shape" (T, H, W)
-    of the pixels}.
+    "t5_mask" (L,), "clip_pooled" (P,) if cached; "structure" (1, T, H, W) uint8 if cached; "caption",
+    "sample_id", "requested_id", "shape" (T, H, W) of the pixels}.
 
     `shape_keys` covers the original metadata ids (-1 where not cached or bad), so `ShapeBatchSampler`
     works on it unchanged; CFG dropout swaps in the cached embeddings of "" with the same per-(sample,
@@ -206,6 +208,8 @@ class FeatureCacheDataset(Dataset):
                 if self.meta["latent_kind"] == "moments":  # a fresh draw per (sample, epoch), same on peers
                     gen = torch.Generator().manual_seed(hash_seed(self.config.seed, sid, epoch))
                     out["latent"] = sample_cached_latent(out["latent"], "moments", gen)
+            if self.meta.get("structure"):  # uint8 levels; control/signals.py from_levels makes the input
+                out["structure"] = handle.get_tensor(f"{sid}/structure")
             if self._row[sid] < 0:
                 raise KeyError(f"sample {sid} is not in the feature cache index")
             captions = self._captions[int(self._row[sid])]

@@ -87,15 +87,20 @@ def _check_meta(out: Path, meta: dict[str, Any]) -> None:
 
 def build_cache(dataset: VideoDataset, out_dir: str | os.PathLike, video_encoder: VideoEncoderFn | None,
                 text_encoder: TextEncoderFn | None, shard_size: int = 256, rank: int = 0, world_size: int = 1,
-                batch_size: int = 4, dtype: torch.dtype = torch.bfloat16, latent_kind: str = "mean"
+                batch_size: int = 4, dtype: torch.dtype = torch.bfloat16, latent_kind: str = "mean",
+                structure: Callable[[torch.Tensor], torch.Tensor] | None = None, structure_kind: str | None = None,
                 ) -> CacheReport:
     """Encode this rank's unfinished shards. Decoding uses epoch 0's temporal crop; captions are stored for
     every caption variant, CFG dropout is applied when reading. `latent_kind` says what the video encoder
-    returns (see `encoders.LATENT_KINDS`; "moments" latents are sampled afresh when read)."""
+    returns (see `encoders.LATENT_KINDS`; "moments" latents are sampled afresh when read). `structure`, if
+    given, maps the decoded video to the structure controller's input signal (uint8 levels, control/signals.py
+    `signal_extractor`), stored beside the latents; `structure_kind` names it in meta.json."""
     from safetensors.torch import save_file
 
-    if video_encoder is None and text_encoder is None:
-        raise ValueError("nothing to cache: give a video encoder, a text encoder or both")
+    if video_encoder is None and text_encoder is None and structure is None:
+        raise ValueError("nothing to cache: give a video encoder, a text encoder, a structure signal or several")
+    if (structure is None) != (structure_kind is None):
+        raise ValueError("a structure signal needs its kind (structure_kind) and the other way round")
     if latent_kind not in LATENT_KINDS:
         raise ValueError(f"latent_kind must be one of {LATENT_KINDS}, got {latent_kind!r}")
     if shard_size < 1 or batch_size < 1 or not 0 <= rank < world_size:
@@ -107,7 +112,7 @@ def build_cache(dataset: VideoDataset, out_dir: str | os.PathLike, video_encoder
     meta = {"version": CACHE_VERSION, "shard_size": shard_size, "num_samples": len(dataset),
             "keys_digest": hashlib.blake2b(dataset.plan.keys.tobytes(), digest_size=16).hexdigest(),
             "num_shards": num_shards, "latents": video_encoder is not None, "text": text_encoder is not None,
-            "latent_kind": latent_kind,
+            "latent_kind": latent_kind, "structure": structure_kind,
             "dtype": str(dtype).removeprefix("torch."), "caption": dataset.config.caption.__dict__ | {
                 "cfg_dropout": None}}
     _check_meta(out, meta)  # every rank: identical content, written atomically
@@ -123,7 +128,7 @@ def build_cache(dataset: VideoDataset, out_dir: str | os.PathLike, video_encoder
                    desc=f"cache rank {rank}", unit="sample")
     for s in todo:
         rows, tensors = _encode_shard(dataset, ids[s * shard_size:(s + 1) * shard_size], video_encoder,
-                                      text_encoder, batch_size, dtype, report, bar)
+                                      text_encoder, batch_size, dtype, report, bar, structure)
         for r in rows:
             r["shard"] = s
         _write_atomic(out / f"{shard_name(s)}.safetensors", lambda p, t=tensors: save_file(t, p))
@@ -136,7 +141,8 @@ def build_cache(dataset: VideoDataset, out_dir: str | os.PathLike, video_encoder
 
 def _encode_shard(dataset: VideoDataset, ids: np.ndarray, video_encoder: VideoEncoderFn | None,
                   text_encoder: TextEncoderFn | None, batch_size: int, dtype: torch.dtype, report: CacheReport,
-                  bar: Any = None) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+                  bar: Any = None, structure: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     rows: list[dict[str, Any]] = []
     tensors: dict[str, torch.Tensor] = {}
     clips: dict[int, list[tuple[int, torch.Tensor]]] = {}  # shape key -> [(sample id, video)]
@@ -149,7 +155,7 @@ def _encode_shard(dataset: VideoDataset, ids: np.ndarray, video_encoder: VideoEn
         try:
             rec = dataset.metadata.record(sid)
             variants = caption_variants(rec, dataset.config.caption)
-            if video_encoder is not None:
+            if video_encoder is not None or structure is not None:
                 clips.setdefault(int(dataset.plan.keys[sid]), []).append((sid, dataset.load(sid, 0)["video"]))
         except (DecodeError, MetadataError) as e:
             dataset.bad_samples.record(sid, e)
@@ -165,11 +171,16 @@ def _encode_shard(dataset: VideoDataset, ids: np.ndarray, video_encoder: VideoEn
     for members in clips.values():
         for lo in range(0, len(members), batch_size):
             chunk = members[lo:lo + batch_size]
-            with torch.no_grad():
-                lat = video_encoder(torch.stack([v for _, v in chunk]))  # type: ignore[misc]
-            for (sid, _), z in zip(chunk, lat):
-                tensors[f"{sid}/latent"] = z.to(dtype).contiguous()
-                by_id[sid]["latent_shape"] = list(z.shape)
+            videos = torch.stack([v for _, v in chunk])
+            if video_encoder is not None:
+                with torch.no_grad():
+                    lat = video_encoder(videos)
+                for (sid, _), z in zip(chunk, lat):
+                    tensors[f"{sid}/latent"] = z.to(dtype).contiguous()
+                    by_id[sid]["latent_shape"] = list(z.shape)
+            if structure is not None:  # stored as computed (uint8 levels): no dtype cast
+                for (sid, _), signal in zip(chunk, structure(videos)):
+                    tensors[f"{sid}/structure"] = signal.contiguous()
     if text_encoder is not None:
         for lo in range(0, len(texts), batch_size):
             chunk = texts[lo:lo + batch_size]

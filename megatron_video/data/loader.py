@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from megatron_video.data.captions import Tokenizer, tokenize_captions
 from megatron_video.data.sampler import ShapeBatchSampler
 
-_TENSOR_KEYS = ("video", "latent", "t5_hidden", "t5_mask", "clip_pooled")
+_TENSOR_KEYS = ("video", "latent", "t5_hidden", "t5_mask", "clip_pooled", "structure")
 
 
 def collate_samples(samples: list[dict[str, Any]], tokenizers: Mapping[str, Tokenizer] | None = None

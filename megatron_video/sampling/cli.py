@@ -26,6 +26,8 @@ class SampleInputError(ValueError):
 
 
 def add_sample_args(parser: argparse.ArgumentParser) -> None:
+    from megatron_video.control.signals import add_signal_source_args
+
     g = parser.add_argument_group("sampling (tools/sample.py)")
     g.add_argument("--prompts", type=str, required=True, help="text file, one prompt per line")
     g.add_argument("--negative-prompt", type=str, default="", help="one negative prompt for every sample")
@@ -51,6 +53,13 @@ def add_sample_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cond-frames", type=int, default=1, help="continuation: how many leading frames are given")
     g.add_argument("--masked-latents", choices=("encode", "latent_mask"), default="encode",
                    help="the conditioning convention the model was trained with (inpaint config)")
+    g.add_argument("--controller", type=str, default=None,
+                   help="a structure controller exported by tools/export_control.py: sample under --structure-video")
+    g.add_argument("--structure-video", type=str, default=None,
+                   help="with --controller: the structure source, a video of the sampling size (its signal is "
+                        "extracted) or a .safetensors file holding a computed `structure` (uint8 (1, T, H, W), as the "
+                        "feature cache stores it)")
+    add_signal_source_args(g)  # depth / sketch controllers
     g.add_argument("--out", type=str, required=True, help="output directory (MP4 files, latents, index)")
 
 
@@ -124,7 +133,55 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         raise SampleInputError(f"--released: not found: {args.released}")
     if args.load is not None and latest_iteration(args.load) is None:
         raise SampleInputError(f"--load {args.load}: no complete checkpoint there (latest_checkpointed_iteration.txt)")
+    if args.controller is not None or args.structure_video is not None:
+        check_structure_inputs(args)
     return prompts, negatives
+
+
+def check_structure_inputs(args: argparse.Namespace) -> None:
+    """--controller and --structure-video: both given, readable, and fitting the model and the sampling size."""
+    from megatron_video.control.export import controller_metadata
+    from megatron_video.control.signals import check_signal_source
+
+    if args.controller is None or args.structure_video is None:
+        raise SampleInputError("structure control needs both --controller and --structure-video")
+    for flag, path in (("--controller", args.controller), ("--structure-video", args.structure_video)):
+        if not Path(path).is_file():
+            raise SampleInputError(f"{flag}: file not found: {path}")
+    if args.model_config.condition_channels:
+        raise SampleInputError("--controller: structure control runs on a text-to-video model, not an inpainting one")
+    try:
+        metadata, control = controller_metadata(args.controller)
+    except ValueError as exc:
+        raise SampleInputError(f"--controller: {exc}") from exc
+    factors = vae_factors(args.stand_in_vae, args.vae_config)
+    latent = latent_size(args.model_config, factors, args.num_frames, args.height, args.width)[1:]
+    if control.pixel_shape(latent) != (args.num_frames, args.height, args.width):
+        raise SampleInputError(f"--controller downsamples {control.temporal_downsample}x in time and "
+                               f"{control.spatial_downsample}x in space, the VAE {factors[0]}x and {factors[1]}x")
+    if not args.structure_video.endswith(".safetensors"):
+        try:
+            check_signal_source(metadata["signal"], args.structure_model, args.structure_sketch_arch)
+        except ValueError as exc:
+            raise SampleInputError(str(exc)) from exc
+
+
+def structure_signal(args: argparse.Namespace, kind: str, device: torch.device) -> torch.Tensor:
+    """The controller's input (1, 1, T, H, W) in [0, 1] from --structure-video."""
+    from megatron_video.control.signals import from_levels, signal_extractor
+
+    if args.structure_video.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        levels = load_file(args.structure_video).get("structure")
+        expected = (1, args.num_frames, args.height, args.width)
+        if levels is None or levels.dtype != torch.uint8 or tuple(levels.shape) != expected:
+            raise SampleInputError(f"--structure-video {args.structure_video}: needs a uint8 `structure` tensor of "
+                                   f"shape {expected}")
+        return from_levels(levels[None]).to(device)
+    video = read_condition_video(args.structure_video, args.num_frames, args.height, args.width).to(device)
+    extract = signal_extractor(kind, args.structure_model, args.structure_sketch_arch)
+    return from_levels(extract(video)).to(device)
 
 
 def check_weights(args: argparse.Namespace, module: torch.nn.Module) -> None:
@@ -160,38 +217,44 @@ def check_weights(args: argparse.Namespace, module: torch.nn.Module) -> None:
 
 
 def load_weights(args: argparse.Namespace, module: torch.nn.Module) -> None:
-    from megatron.core import parallel_state as mpu
-
     if args.released is not None:
-        from checkpoints_convert.sources import open_released
-        from megatron_video.models.suv_mmdit.state_dict_adapter import from_released_key, shard_released
-
-        source = open_released(args.released)
-        own = {k: v for k, v in module.state_dict().items() if not k.endswith("._extra_state")}
-        full = {}
-        for key in source.keys():
-            if key.endswith("._extra_state"):
-                continue
-            try:
-                name = from_released_key(key, module.cfg)
-            except KeyError:  # e.g. the last block's text modules, which this config does not build
-                continue
-            if name in own:
-                full[key] = source.get(key)
-        ours = {from_released_key(k, module.cfg): v for k, v in shard_released(
-            full, mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()).items()}
-        missing = sorted(set(own) - set(ours))
-        if missing:
-            raise SampleInputError(f"--released {args.released} lacks {missing[:4]}")
-        result = module.load_state_dict({k: v.to(own[k].dtype) for k, v in ours.items()}, strict=False)
-        if result.unexpected_keys or any(not k.endswith("._extra_state") for k in result.missing_keys):
-            raise SampleInputError(f"--released {args.released} does not fit this model: {result}")
+        load_released_weights(args.released, module)
         return
     from megatron_video.training.checkpointing import load_checkpoint, model_sharded_state_dict
 
     prefix = args.weights + "."
     _, loaded, _ = load_checkpoint(args.load, lambda: {"weights": model_sharded_state_dict(module, prefix=prefix)})
     module.load_state_dict(loaded["weights"], strict=True)
+
+
+def load_released_weights(path: str, module: torch.nn.Module, flag: str = "--released") -> None:
+    """Released-format weights (.safetensors, .pt or a diffusers folder) into the denoiser `module`, this TP rank's
+    slices, every parameter set (SampleInputError otherwise)."""
+    from megatron.core import parallel_state as mpu
+
+    from checkpoints_convert.sources import open_released
+    from megatron_video.models.suv_mmdit.state_dict_adapter import from_released_key, shard_released
+
+    source = open_released(path)
+    own = {k: v for k, v in module.state_dict().items() if not k.endswith("._extra_state")}
+    full = {}
+    for key in source.keys():
+        if key.endswith("._extra_state"):
+            continue
+        try:
+            name = from_released_key(key, module.cfg)
+        except KeyError:  # e.g. the last block's text modules, which this config does not build
+            continue
+        if name in own:
+            full[key] = source.get(key)
+    ours = {from_released_key(k, module.cfg): v for k, v in shard_released(
+        full, mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()).items()}
+    missing = sorted(set(own) - set(ours))
+    if missing:
+        raise SampleInputError(f"{flag} {path} lacks {missing[:4]}")
+    result = module.load_state_dict({k: v.to(own[k].dtype) for k, v in ours.items()}, strict=False)
+    if result.unexpected_keys or any(not k.endswith("._extra_state") for k in result.missing_keys):
+        raise SampleInputError(f"{flag} {path} does not fit this model: {result}")
 
 
 def text_encoder(kind: str, t5_path: str | None, clip_path: str | None, cfg: Any, device: torch.device) -> Any:
@@ -288,6 +351,15 @@ def run(args: argparse.Namespace, prompts: list[str], negatives: list[str]) -> l
     module.to(device)
     check_weights(args, module)
     load_weights(args, module)
+    structure = None
+    if args.controller is not None:  # the base frozen under the exported structure controller
+        from megatron_video.control.export import load_controller_weights, read_controller_file
+        from megatron_video.models.control import ControlledSUV
+
+        metadata, control, tensors = read_controller_file(args.controller)
+        module = ControlledSUV(module, control).to(device)
+        load_controller_weights(module.controller, tensors)
+        structure = structure_signal(args, metadata["signal"], device)
 
     latent = latent_size(cfg, vae_factors(args.stand_in_vae, args.vae_config), args.num_frames, args.height,
                          args.width)
@@ -312,7 +384,7 @@ def run(args: argparse.Namespace, prompts: list[str], negatives: list[str]) -> l
         negative = negatives[0] if len(negatives) == 1 else negatives[index]
         latents = sample(module, module, initial_noise(latent, [seed], device), encode_text([prompts[index]]),
                          config, negative=encode_text([negative]) if config.guidance_scale != 1.0 else None,
-                         condition=condition)
+                         condition=condition, structure=structure)
         if writer:
             video = vae.decode(latents, chunk_size=args.vae_chunk_size)
             path = write_mp4(out / f"sample_{index:04d}.mp4", to_frames(video[0]), args.fps)
@@ -322,7 +394,9 @@ def run(args: argparse.Namespace, prompts: list[str], negatives: list[str]) -> l
             (out / f"sample_{index:04d}.json").write_text(json.dumps(
                 {"prompt": prompts[index], "negative_prompt": negative, "seed": seed, "num_steps": args.num_steps,
                  "guidance_scale": args.guidance_scale, "task": args.task,
-                 "weights": args.released or f"{args.load} ({args.weights})"}, indent=1))
+                 "weights": args.released or f"{args.load} ({args.weights})",
+                 **({"controller": args.controller, "structure_video": args.structure_video}
+                    if args.controller else {})}, indent=1))
             written.append(path)
             print(f"wrote {path} (seed {seed}): {prompts[index]}", flush=True)
     return written
@@ -345,5 +419,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["SampleInputError", "add_sample_args", "check_inputs", "main", "read_condition_video", "run",
-           "task_condition"]
+__all__ = ["SampleInputError", "add_sample_args", "check_inputs", "load_released_weights", "main",
+           "read_condition_video", "run", "task_condition"]

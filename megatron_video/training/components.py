@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +22,17 @@ class Components:
     scheduler: Any  # megatron OptimizerParamScheduler
     ema: ShardedEMA | None
     rank_discard: Any  # PerRankDiscard or None
+    frozen_prefix: str | None = None  # state-dict entries loaded at start-up (a frozen base): never checkpointed
+    common: dict[str, Any] = field(default_factory=dict)  # an entry point's record in every checkpoint's common
+
+    def checkpointed_state(self, prefix: str = "model.") -> dict[str, Any]:
+        """The module's ShardedTensors that checkpoints hold (all but the frozen-prefix entries)."""
+        from megatron_video.training.checkpointing import model_sharded_state_dict
+
+        state = model_sharded_state_dict(self.module, prefix=prefix)
+        if self.frozen_prefix is None:
+            return state
+        return {name: entry for name, entry in state.items() if not name.startswith(self.frozen_prefix)}
 
     def sync_params(self) -> None:
         """Finish the parameter all-gather now. With --overlap-param-gather the model's weights are gathered
@@ -28,6 +40,16 @@ class Components:
         force_param_sync before saving)."""
         if self.model.ddp_config.overlap_param_gather:
             self.model.start_param_sync(force_sync=True)
+
+
+@dataclass
+class ModelWrap:
+    """An entry point's change to the trained module, made before DDP and the optimizer see it (pretrain_control.py:
+    a trainable controller around a frozen base loaded from elsewhere). Only parameters that require grad train."""
+
+    module: torch.nn.Module
+    frozen_prefix: str | None = None  # see Components
+    common: dict[str, Any] = field(default_factory=dict)
 
 
 def params_dtype(args: argparse.Namespace) -> torch.dtype:
@@ -110,13 +132,16 @@ def materialize_optimizer_state(optimizer: Any) -> None:
                     inner.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
-def build_components(args: argparse.Namespace, model_config: Any, train_iters: int) -> Components:
+def build_components(args: argparse.Namespace, model_config: Any, train_iters: int,
+                     wrap: Callable[[argparse.Namespace, torch.nn.Module], ModelWrap] | None = None) -> Components:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from megatron_video.parallel.initialize import local_device
 
     module, config = build_denoiser(args, model_config)
+    wrapped = wrap(args, module) if wrap is not None else ModelWrap(module)
+    module = wrapped.module
     module.to(local_device())
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
@@ -142,4 +167,5 @@ def build_components(args: argparse.Namespace, model_config: Any, train_iters: i
         wd_incr_steps=train_iters, wd_incr_style="constant",
     )
     ema = ShardedEMA(optimizer, [model], decay=args.ema_decay) if args.ema_decay > 0 else None
-    return Components(model, module, config, optimizer, scheduler, ema, rank_discard)
+    return Components(model, module, config, optimizer, scheduler, ema, rank_discard, wrapped.frozen_prefix,
+                      wrapped.common)

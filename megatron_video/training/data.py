@@ -100,4 +100,5 @@ class BatchEncoder:
                 "t5_all_valid": all_valid,
                 "clip_pooled": pooled.to(**to), "sample_id": batch["sample_id"],
                 "sampler_position": batch.get("sampler_position"),
-                **({"video": batch["video"]} if self.keep_video and "video" in batch else {})}
+                **({"video": batch["video"]} if self.keep_video and "video" in batch else {}),
+                **({"structure": batch["structure"]} if "structure" in batch else {})}  # a cached control signal

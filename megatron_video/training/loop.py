@@ -31,7 +31,6 @@ from megatron_video.training.checkpointing import (
     CheckpointError,
     CheckpointSaveError,
     load_checkpoint,
-    model_sharded_state_dict,
     save_checkpoint,
 )
 from megatron_video.training.save_dir import resume_iteration, write_model_config
@@ -197,9 +196,9 @@ def resume(args: argparse.Namespace, parts: Any, data: Any, state: TrainState, l
 
     check = None if weights_only else check_optimizer_kind(parts.optimizer)
     iteration, loaded, common = load_checkpoint(args.load, build, check_saved=check)
-    parts.module.load_state_dict(loaded["model"], strict=True)
+    parts.module.load_state_dict(loaded["model"], strict=parts.frozen_prefix is None)  # a frozen base: not saved
     if not weights_only:
-        load_optimizer_state(parts.optimizer, loaded["optimizer"], model_sharded_state_dict(parts.module))
+        load_optimizer_state(parts.optimizer, loaded["optimizer"], parts.checkpointed_state())
         if parts.ema is not None:
             # a rank whose optimizer range holds no parameter has no EMA entry (dist_checkpointing drops the
             # empty dict); load_sharded_state_dict still insists on every range the rank does hold
@@ -225,13 +224,13 @@ def resume(args: argparse.Namespace, parts: Any, data: Any, state: TrainState, l
 def checkpoint_sharded_state(parts: Any, loading: bool, weights_only: bool = False) -> dict[str, Any]:
     from megatron_video.training.checkpoint_state import optimizer_sharded_state
 
-    model_sd = model_sharded_state_dict(parts.module)
+    model_sd = parts.checkpointed_state()
     out: dict[str, Any] = {"model": model_sd}
     if weights_only:
         return out
     out["optimizer"] = optimizer_sharded_state(parts.optimizer, model_sd, loading)
     if parts.ema is not None:  # checkpoint keys "ema.<param name>", beside the model's "model.<param name>"
-        plain = model_sharded_state_dict(parts.module, prefix="")
+        plain = parts.checkpointed_state(prefix="")
         ema = parts.ema.sharded_state_dict(plain, prefix="ema.")
         # frozen parameters (no optimizer state, never updated) are their own EMA: store them too, so the EMA
         # weights are a complete state dict for export
@@ -244,10 +243,12 @@ def checkpoint_sharded_state(parts: Any, loading: bool, weights_only: bool = Fal
 
 
 def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_inputs,
-             extra_args: Callable | None = None, setup: Callable | None = None) -> int:
+             extra_args: Callable | None = None, setup: Callable | None = None, wrap: Callable | None = None) -> int:
     """`setup(args, components, encoder)`, if given, runs once before resuming (e.g. to initialise weights) and
     may return `condition(micro_batch, iteration, consumed_samples)`, applied to every encoded micro-batch
-    once its "positions" are set (pretrain_i2v.py adds the inpainting masks and conditioning this way)."""
+    once its "positions" are set (pretrain_i2v.py adds the inpainting masks and conditioning this way).
+    `wrap(args, denoiser) -> ModelWrap` (training/components.py), if given, changes the trained module before DDP
+    and the optimizer are built (pretrain_control.py: a controller around a frozen base)."""
     from megatron_video.adaptor.startup import setup_device_from_argv
 
     setup_device_from_argv(argv)  # before megatron is imported (MindSpeed patches it on import); idempotent
@@ -282,7 +283,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
     dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
     num_micro = args.global_batch_size // (args.micro_batch_size * dp_size)
 
-    parts = build_components(args, args.model_config, args.train_iters)
+    parts = build_components(args, args.model_config, args.train_iters, wrap)
     data = build_data(args, args.data_config, dp_rank, dp_size)
     encode = BatchEncoder(args, device)
     objective = build_objective(args.objective)
@@ -296,7 +297,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
             "clip": parts.optimizer.clip_state_dict(), "scheduler": parts.scheduler.state_dict(),
             "sampler": data.sampler.state_dict(position=state.sampler_position),
             "rank_discard": parts.rank_discard.state_dict() if parts.rank_discard is not None else None,
-            "ema_updates": parts.ema.num_updates if parts.ema is not None else 0,
+            "ema_updates": parts.ema.num_updates if parts.ema is not None else 0, **parts.common,
         }
         started = time.monotonic()
         parts.sync_params()  # the weights the checkpoint reads, not the ones the next forward would gather

@@ -78,6 +78,24 @@ def _split_leaf(key: str) -> tuple[str, str]:
     return match["module"], match["leaf"]
 
 
+def block_key_to_released(key: str) -> str:
+    """A key inside one block (e.g. `attn.to_q.weight`) -> its released name inside the block (`attn1.to_q.weight`)."""
+    module, leaf = _split_leaf(key)
+    for ours, released in _BLOCK:
+        if module == ours:
+            return f"{released}.{leaf}"
+    raise KeyError(f"no released name for the block key {key!r}")
+
+
+def block_key_from_released(key: str) -> str:
+    """The inverse of `block_key_to_released`."""
+    module, leaf = _split_leaf(key)
+    for ours, released in _BLOCK:
+        if module == released:
+            return f"{ours}.{leaf}"
+    raise KeyError(f"no block key of ours for the released {key!r}")
+
+
 def to_released_key(key: str, cfg: SUVConfig) -> str:
     """Our parameter name -> the released name."""
     module, leaf = _split_leaf(key)
@@ -196,6 +214,6 @@ def load_released(model: torch.nn.Module, state_dict: Mapping[str, Any], tp_size
 
 
 __all__ = [
-    "SplitRule", "from_released", "from_released_key", "load_released", "merge_released", "shard_released",
-    "to_released", "to_released_key", "tp_split_rule",
+    "SplitRule", "block_key_from_released", "block_key_to_released", "from_released", "from_released_key",
+    "load_released", "merge_released", "shard_released", "to_released", "to_released_key", "tp_split_rule",
 ]

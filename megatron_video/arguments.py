@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     precision = g.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (fp32 main weights)")
     precision.add_argument("--fp16", action="store_true", help="float16 mixed precision with loss scaling")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile (inductor) the SUV blocks' elementwise regions: norms with modulation, qk "
+                        "norm with RoPE, gated residuals, GELU (not a Megatron-LM flag)")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
                    help="activation recomputation: whole blocks (full) or parts of them (selective)")
     g.add_argument("--recompute-method", choices=("uniform", "block"), default=None,

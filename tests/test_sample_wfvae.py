@@ -55,10 +55,11 @@ def test_sample_tool_decodes_with_the_wfvae(tmp_path: Path) -> None:
     vae = tiny_vae()  # the same seed as the saved weights
     with torch.no_grad():
         decoded = [vae.decode(z)[0].float() for z in latents]
-        # the tool's decode (chunk_size 1: the causal cache) is the direct one up to float32 summation order
-        # (measured 2e-5 at most on values of about [-1, 1])
+        # the tool's decode (chunk_size 1: the causal cache) is the direct one up to float32 summation order:
+        # measured 2e-5 at most on values of about [-1, 1], 1.2e-4 (3e-7 relative, a few ulps) where the random
+        # VAE decodes the random denoiser's latents to values of about 400
         for z, full in zip(latents, decoded):
-            torch.testing.assert_close(vae.decode(z, chunk_size=1)[0].float(), full, rtol=0, atol=1e-4)
+            torch.testing.assert_close(vae.decode(z, chunk_size=1)[0].float(), full, rtol=2e-6, atol=1e-4)
     # the MP4 is lossy (H.264, yuv420p) and a random VAE's frames are noise, so it is compared with the same
     # encoder's MP4 of the direct decode: libx264 at fixed settings is deterministic, so they are identical
     references = [read_mp4(write_mp4(tmp_path / f"direct_{i}.mp4", to_frames(v), 8)) for i, v in enumerate(decoded)]

@@ -51,7 +51,7 @@ def i2v_setup(inpaint: InpaintConfig) -> Callable[[argparse.Namespace, Any, Any]
 
         check_i2v_configs(inpaint, parts.module.cfg, args.data_config)
         if inpaint.masked_latents == "encode":
-            if encoder.vae is None:
+            if not encoder.has_vae:
                 raise ValueError("masked_latents 'encode' needs the WF-VAE: give --vae-path (and --vae-config)")
             encoder.keep_video = True
         # a --load that holds no checkpoint yet (--load = --save, the job's first run) resumes nothing
@@ -65,7 +65,8 @@ def i2v_setup(inpaint: InpaintConfig) -> Callable[[argparse.Namespace, Any, Any]
             if dist.get_rank() == 0:
                 print(f"initialised from T2V checkpoint {args.init_from_t2v} (iteration {iteration}); "
                       "conditioning weights zero", flush=True)
-        return InpaintConditioner(inpaint, args.seed, encoder.vae, encoder.vae_chunk)
+        vae = encoder.shared_vae() if encoder.has_vae else None  # run on one rank of the replica, shared
+        return InpaintConditioner(inpaint, args.seed, vae, encoder.vae_chunk)
 
     return setup
 

@@ -199,39 +199,20 @@ class TextEncoders:
 
 # ---- running on a subset of ranks ------------------------------------------------------------------------
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
-
-
 def share_text_embeddings(emb: TextEmbeddings | None, group: dist.ProcessGroup | None, src: int,
                           device: torch.device | str = "cpu") -> TextEmbeddings:
     """Broadcast `emb` from global rank `src` to every rank of `group`; the others pass None.
 
-    A small header (shapes, dtype) goes first so receivers need not know the encoder config.
+    A small header (shapes, dtypes) goes first so receivers need not know the encoder config.
     """
+    from megatron_video.parallel.broadcast import broadcast_tensors
+
     if group is not None and src not in dist.get_process_group_ranks(group):
         raise ValueError(f"source rank {src} is not in the group {dist.get_process_group_ranks(group)}")
-    is_src = dist.get_rank() == src
-    if is_src and emb is None:
+    if dist.get_rank() == src and emb is None:
         raise ValueError(f"rank {src} is the source but has no embeddings to share")
-    header = torch.zeros(6, dtype=torch.int64, device=device)
-    if is_src:
-        b, length, d_t5 = emb.t5_hidden.shape
-        fields = [b, length, d_t5, emb.clip_pooled.shape[1], _DTYPE_CODES[emb.t5_hidden.dtype],
-                  _DTYPE_CODES[emb.clip_pooled.dtype]]
-        header = torch.tensor(fields, dtype=torch.int64, device=device)
-    dist.broadcast(header, src=src, group=group)
-    b, length, d_t5, d_clip, code_t5, code_clip = header.tolist()
-    if is_src:
-        tensors = [emb.t5_hidden.to(device).contiguous(), emb.t5_mask.to(device, torch.int64).contiguous(),
-                   emb.clip_pooled.to(device).contiguous()]
-    else:
-        tensors = [torch.empty(b, length, d_t5, dtype=_CODE_DTYPES[code_t5], device=device),
-                   torch.empty(b, length, dtype=torch.int64, device=device),
-                   torch.empty(b, d_clip, dtype=_CODE_DTYPES[code_clip], device=device)]
-    for t in tensors:
-        dist.broadcast(t, src=src, group=group)
-    return TextEmbeddings(*tensors)
+    tensors = None if emb is None else [emb.t5_hidden, emb.t5_mask.to(torch.int64), emb.clip_pooled]
+    return TextEmbeddings(*broadcast_tensors(tensors, 3, group, src, device))
 
 
 def encode_on_subset(encoders: TextEncoders | None, captions: list[str] | None,

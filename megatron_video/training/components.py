@@ -104,7 +104,8 @@ def build_denoiser(args: argparse.Namespace, model_config: Any) -> tuple[torch.n
         use_cpu_initialization=True,
     )
     with torch.device(local_device()):
-        return SUVMMDiT(model_config, config, stage, init_seed=args.seed), config
+        return SUVMMDiT(model_config, config, stage, init_seed=args.seed,
+                        compile_backend="inductor" if getattr(args, "compile", False) else None), config
 
 
 def plain_torch_optimizer(optimizer: Any) -> bool:

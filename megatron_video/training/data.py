@@ -56,15 +56,30 @@ def _has_bucket_index(data_config: DataConfig) -> bool:
 class BatchEncoder:
     """Decoded micro-batch -> (clean latents x0, T5 states, T5 mask, CLIP pooled), under no_grad.
 
-    Batches read from the feature cache already hold the encodings; otherwise the frozen WF-VAE and text
-    encoders run here (every rank of a model replica sees the same samples, so they agree)."""
+    Batches read from the feature cache already hold the encodings. Otherwise the frozen WF-VAE and text
+    encoders run once per model replica, on its `FirstStageSource` rank (the only rank that loads them), and the
+    features go to the replica's other ranks: all of them to the TP/CP peers of the first pipeline stage, which
+    embeds them; the latents (the last stage's loss target) and the text mask (every stage's attention) to the
+    later stages, which see the text states and CLIP vector only by shape.
+
+    Latents are a draw from the VAE posterior, as OSP v1.5 trained: mean + std * noise with the noise of each
+    sample seeded by (data seed, sample id, epoch), the draw a "moments" feature cache makes, so it is the same
+    on every rank of a replica and after a resume."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        from megatron_video.parallel.broadcast import FirstStageSource
+
         self.device = device
         self.vae = self.text = None
+        self.has_vae, self.has_text = bool(args.vae_path), bool(args.t5_path or args.clip_path)
         self.vae_chunk = args.vae_chunk_size
+        data_config = getattr(args, "data_config", None)
+        self.seed = data_config.seed if data_config is not None else 0
         self.keep_video = False  # pass the decoded video on (inpainting encodes a masked copy of it)
-        if args.vae_path:
+        self.source = FirstStageSource(device)
+        if not self.source.is_source():
+            return
+        if self.has_vae:
             import json
             from pathlib import Path
 
@@ -73,26 +88,44 @@ class BatchEncoder:
             # --vae-config is a JSON file path (upstream "ae" dict or our field names); default: released
             config = WFVAEConfig.from_dict(json.loads(Path(args.vae_config).read_text())) if args.vae_config else None
             self.vae = load_wfvae(args.vae_path, config).to(device).eval()
-        if args.t5_path or args.clip_path:
+        if self.has_text:
             from megatron_video.models.text_encoders import TextEncoders
 
             self.text = TextEncoders.from_pretrained(args.t5_path, args.clip_path, dtype=torch.float32,
                                                      device=device)
 
+    def posterior_sample(self, batch: dict[str, Any]) -> torch.Tensor:
+        """x0 of the batch's videos: one posterior draw per sample, seeded by (seed, sample id, epoch)."""
+        from megatron_video.data.cache import hash_seed
+        from megatron_video.data.encoders import sample_cached_latent, wfvae_encoder
+
+        moments = wfvae_encoder(self.vae, "moments", self.vae_chunk)(batch["video"].to(self.device))
+        position = batch.get("sampler_position")
+        epoch = int(position[0]) if position is not None else 0
+        draws = []
+        for stored, sid in zip(moments, batch["sample_id"]):
+            gen = torch.Generator(device=stored.device).manual_seed(hash_seed(self.seed, int(sid), epoch))
+            draws.append(sample_cached_latent(stored, "moments", gen))
+        return torch.stack(draws)
+
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        if "latent" in batch:
-            x0 = batch["latent"]
-        elif self.vae is not None:
-            x0 = self.vae.encode(batch["video"].to(self.device), chunk_size=self.vae_chunk, sample=False)
-        else:
+        need_latent = "latent" not in batch
+        need_text = not ("t5_hidden" in batch and "clip_pooled" in batch)
+        if need_latent and not self.has_vae:
             raise RuntimeError("the batch has no cached latents and no --vae-path/--vae-config was given")
-        if "t5_hidden" in batch and "clip_pooled" in batch:
-            t5, mask, pooled = batch["t5_hidden"], batch["t5_mask"], batch["clip_pooled"]
-        elif self.text is not None:
-            t5, mask, pooled = tuple(self.text.encode(batch["caption"]))
-        else:
+        if need_text and not self.has_text:
             raise RuntimeError("the batch has no cached text embeddings and no --t5-path/--clip-path was given")
+        encoded: list[torch.Tensor] | None = None
+        if (need_latent or need_text) and self.source.is_source():
+            encoded = [self.posterior_sample(batch)] if need_latent else []
+            if need_text:
+                encoded += list(self.text.encode(batch["caption"]))
+        if need_latent or need_text:  # latents and mask: read on later pipeline stages; states, pooled: shapes
+            later = [True] * need_latent + [False, True, False] * need_text
+            encoded = self.source.share(encoded, len(later), later)
+        x0 = encoded.pop(0) if need_latent else batch["latent"]
+        t5, mask, pooled = encoded if need_text else (batch["t5_hidden"], batch["t5_mask"], batch["clip_pooled"])
         to = dict(device=self.device)
         # every caption fills the text length: read from the host copy (a cache batch), never from the device
         all_valid = mask.device.type == "cpu" and bool(mask.all())
@@ -102,3 +135,25 @@ class BatchEncoder:
                 "sampler_position": batch.get("sampler_position"),
                 **({"video": batch["video"]} if self.keep_video and "video" in batch else {}),
                 **({"structure": batch["structure"]} if "structure" in batch else {})}  # a cached control signal
+
+    def shared_vae(self) -> SharedVAE:
+        """The WF-VAE as InpaintConditioner calls it, run on the source rank and shared like the latents."""
+        return SharedVAE(self)
+
+
+class SharedVAE:
+    """`encode(video, chunk_size=..., sample=False)`: the posterior mean of `video`, computed on the replica's
+    source rank and broadcast (every rank of the replica passes the same video)."""
+
+    def __init__(self, encoder: BatchEncoder) -> None:
+        self.encoder = encoder
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, *, chunk_size: int | None = None, sample: bool = False) -> torch.Tensor:
+        if sample:
+            raise ValueError("a shared encode is the posterior mean (sample=False); seed draws per sample instead")
+        enc = self.encoder
+        latents = None
+        if enc.source.is_source():
+            latents = [enc.vae.encode(video.to(enc.device), chunk_size=chunk_size, sample=False)]
+        return enc.source.share(latents, 1, [True])[0]

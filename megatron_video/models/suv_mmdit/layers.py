@@ -1,4 +1,4 @@
-"""Small building blocks of the SUV MMDiT: fp32 norms, modulation maths, tensor-parallel helpers."""
+"""Small building blocks of the SUV MMDiT: norms (fp32 statistics), modulation, tensor-parallel helpers."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from megatron.core.tensor_parallel import (
     gather_from_tensor_model_parallel_region,
 )
 from torch import nn
+
+from megatron_video.models.suv_mmdit.elementwise import EAGER, BlockElementwise, gated_residual, modulate
 
 
 def tp_world_size() -> int:
@@ -58,37 +60,42 @@ def gather_shared_input(x: torch.Tensor, config: ModelParallelConfig) -> torch.T
 
 
 class LayerNorm(nn.Module):
-    """Affine LayerNorm computed in fp32, result in the input dtype (the fork's Megatron LayerNorm)."""
+    """Affine LayerNorm with fp32 statistics, result in the input dtype (the fork's fp32 Megatron LayerNorm: torch's
+    kernel accumulates in fp32 and rounds once). Called with (shift, scale) it also applies the adaLN modulation
+    (`ops.norm_modulate`, eager or compiled): the parameters are read inside this module's forward, where
+    megatron's pre-forward hook has finished their all-gather (--overlap-param-gather)."""
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, ops: BlockElementwise = EAGER) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.ops = eps, ops
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(dim, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.layer_norm(x.float(), self.weight.shape, self.weight.float(), self.bias.float(), self.eps)
-        return out.to(x.dtype)
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        if shift is not None:
+            return self.ops.norm_modulate(x, self.weight, self.bias, self.eps, shift, scale)
+        return F.layer_norm(x, self.weight.shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 class HeadRMSNorm(nn.Module):
-    """RMSNorm over head_dim with one weight shared by all heads; fp32 maths, one rounding (fused npu_rms_norm).
+    """RMSNorm over head_dim with one weight shared by all heads; fp32 statistics, one rounding (torch's kernel,
+    as the fused npu_rms_norm). With RoPE (cos, sin) the rotation follows in the same region (`ops.rms_norm_rope`).
 
     Heads are split over TP, so every rank sees only some heads: the weight passes through an identity whose
     backward all-reduces its gradient over TP, which makes the replicas' gradients complete and equal."""
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, ops: BlockElementwise = EAGER) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.ops = eps, ops
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         weight = self.weight
         if tp_world_size() > 1 and weight.requires_grad:
             weight = copy_to_tensor_model_parallel_region(weight)
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps) * weight.float()
-        return out.to(x.dtype)
+        cos, sin = rope if rope is not None else (None, None)
+        return self.ops.rms_norm_rope(x, weight, self.eps, cos, sin)
 
 
 class UpcastColumnParallelLinear(ColumnParallelLinear):
@@ -125,16 +132,6 @@ class Modulation(nn.Module):
         if self.sequence_parallel:
             out = copy_to_tensor_model_parallel_region(out)
         return out
-
-
-def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """normed * (1 + scale) + shift in fp32 (per-sample (B, H) vectors over (S, B, H)), back to the stream dtype."""
-    return (normed.float() * (1 + scale[None]) + shift[None]).to(normed.dtype)
-
-
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """x + gate * branch in fp32, stored in the stream dtype."""
-    return (x.float() + gate[None] * branch.float()).to(x.dtype)
 
 
 __all__ = [

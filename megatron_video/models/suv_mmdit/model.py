@@ -29,14 +29,13 @@ from torch import Tensor, nn
 from megatron_video.models.attention import attention
 from megatron_video.models.suv_mmdit.config import BlockSpec, SUVConfig
 from megatron_video.models.suv_mmdit.context_parallel import attach_context_parallel
+from megatron_video.models.suv_mmdit.elementwise import EAGER, BlockElementwise, block_elementwise
 from megatron_video.models.suv_mmdit.layers import (
     HeadRMSNorm,
     LayerNorm,
     Modulation,
-    gated_residual,
     gather_shared_input,
     mark_sequence_parallel,
-    modulate,
     normal_init,
     sequence_parallel_on,
     tp_world_size,
@@ -49,7 +48,7 @@ from megatron_video.models.suv_mmdit.pipeline import (
     unpack_controlled_carry,
     whole_model,
 )
-from megatron_video.models.suv_mmdit.rope import apply_rope, rope_cos_sin
+from megatron_video.models.suv_mmdit.rope import rope_cos_sin
 from megatron_video.models.suv_mmdit.skiparse import joint_attention, pad_sequence, valid_or_all
 
 # ---------------------------------------------------------------------------------------------- embeddings
@@ -123,7 +122,8 @@ class JointAttention(nn.Module):
     """q/k/v per stream (column-parallel), per-head qk RMSNorm per stream, 3D RoPE on video, joint skiparse
     attention over [video ; text], output projections per stream (row-parallel)."""
 
-    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig, spec: BlockSpec) -> None:
+    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig, spec: BlockSpec,
+                 ops: BlockElementwise = EAGER) -> None:
         super().__init__()
         hidden, dtype, init = cfg.hidden_size, config.params_dtype, normal_init(cfg.init_std)
         self.spec, self.config = spec, config
@@ -144,8 +144,9 @@ class JointAttention(nn.Module):
         self.add_q, self.add_k, self.add_v = col(), col(), col()
         self.to_out = row()
         self.to_add_out = row() if (not spec.context_pre_only or cfg.build_last_block_text_modules) else None
-        self.norm_q, self.norm_k = (HeadRMSNorm(cfg.head_dim, cfg.norm_eps, dtype) for _ in range(2))
-        self.norm_added_q, self.norm_added_k = (HeadRMSNorm(cfg.head_dim, cfg.norm_eps, dtype) for _ in range(2))
+        self.norm_q, self.norm_k = (HeadRMSNorm(cfg.head_dim, cfg.norm_eps, dtype, ops) for _ in range(2))
+        self.norm_added_q, self.norm_added_k = (HeadRMSNorm(cfg.head_dim, cfg.norm_eps, dtype, ops)
+                                                for _ in range(2))
         if spec.context_pre_only:  # text queries cannot reach the output of the last block
             for module in (self.add_q, self.norm_added_q):
                 module.requires_grad_(False)
@@ -159,8 +160,8 @@ class JointAttention(nn.Module):
         video_valid: torch.Tensor, text_valid: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, c = gather_shared_input(x, self.config), gather_shared_input(c, self.config)
-        q = apply_rope(self.norm_q(self._heads(self.to_q, x)), *rope)
-        k = apply_rope(self.norm_k(self._heads(self.to_k, x)), *rope)
+        q = self.norm_q(self._heads(self.to_q, x), rope)
+        k = self.norm_k(self._heads(self.to_k, x), rope)
         v = self._heads(self.to_v, x)
         q_text = None if self.spec.context_pre_only else self.norm_added_q(self._heads(self.add_q, c))
         k_text, v_text = self.norm_added_k(self._heads(self.add_k, c)), self._heads(self.add_v, c)
@@ -177,10 +178,11 @@ class JointAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Linear(H -> 4H, column) -> GELU-tanh in fp32 -> Linear(4H -> H, row); no biases."""
+    """Linear(H -> 4H, column) -> GELU-tanh (fp32 inside the kernel) -> Linear(4H -> H, row); no biases."""
 
-    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig) -> None:
+    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig, ops: BlockElementwise = EAGER) -> None:
         super().__init__()
+        self.gelu = ops.gelu
         init = normal_init(cfg.init_std)
         self.fc1 = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, config=config, init_method=init,
                                         bias=False, gather_output=False)
@@ -189,7 +191,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)[0]
-        return self.fc2(F.gelu(h.float(), approximate="tanh").to(h.dtype))[0]
+        return self.fc2(self.gelu(h))[0]
 
 
 class LongSkip(nn.Module):
@@ -215,20 +217,22 @@ class LongSkip(nn.Module):
 class SUVBlock(nn.Module):
     """One dual-stream MMDiT block. Knows its place in the U-shape (`spec`: stage, k, single/group)."""
 
-    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig, spec: BlockSpec) -> None:
+    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig, spec: BlockSpec,
+                 ops: BlockElementwise = EAGER) -> None:
+        """`ops`: the elementwise regions (models/suv_mmdit/elementwise.py), eager or compiled."""
         super().__init__()
         hidden, eps, dtype = cfg.hidden_size, cfg.norm_eps, config.params_dtype
-        self.spec = spec
+        self.spec, self.ops = spec, ops
         self.long_skip = LongSkip(cfg, dtype) if spec.skip_in is not None else None
         self.norm1 = Modulation(cfg.timestep_embed_dim, 6 * hidden, config, cfg.init_std)
-        self.norm1_video, self.norm1_text = LayerNorm(hidden, eps, dtype), LayerNorm(hidden, eps, dtype)
-        self.attn = JointAttention(cfg, config, spec)
+        self.norm1_video, self.norm1_text = LayerNorm(hidden, eps, dtype, ops), LayerNorm(hidden, eps, dtype, ops)
+        self.attn = JointAttention(cfg, config, spec, ops)
         self.norm2 = Modulation(cfg.timestep_embed_dim, 6 * hidden, config, cfg.init_std)
-        self.norm2_video = LayerNorm(hidden, eps, dtype)
-        self.ff = FeedForward(cfg, config)
+        self.norm2_video = LayerNorm(hidden, eps, dtype, ops)
+        self.ff = FeedForward(cfg, config, ops)
         text_out = not spec.context_pre_only or cfg.build_last_block_text_modules
-        self.norm2_text = LayerNorm(hidden, eps, dtype) if text_out else None
-        self.ff_text = FeedForward(cfg, config) if text_out else None
+        self.norm2_text = LayerNorm(hidden, eps, dtype, ops) if text_out else None
+        self.ff_text = FeedForward(cfg, config, ops) if text_out else None
         if spec.context_pre_only:  # kept only to hold released weights; they cannot reach the output
             for module in (self.attn.to_add_out, self.norm2_text, self.ff_text):
                 if module is not None:
@@ -242,19 +246,18 @@ class SUVBlock(nn.Module):
     def attention_half(self, x: Tensor, c: Tensor, temb: Tensor, rope_cos: Tensor, rope_sin: Tensor,
                        video_valid: Tensor, text_valid: Tensor) -> tuple[Tensor, Tensor]:
         shift, scale, gate, c_shift, c_scale, c_gate = self.norm1(temb).chunk(6, dim=-1)
-        x_mod = modulate(self.norm1_video(x), shift, scale)
-        c_mod = modulate(self.norm1_text(c), c_shift, c_scale)
+        x_mod, c_mod = self.norm1_video(x, shift, scale), self.norm1_text(c, c_shift, c_scale)
         a, a_text = self.attn(x_mod, c_mod, (rope_cos, rope_sin), video_valid, text_valid)
-        x = gated_residual(x, gate, a)
+        x = self.ops.gated_residual(x, gate, a)
         if not self.spec.context_pre_only:
-            c = gated_residual(c, c_gate, a_text)
+            c = self.ops.gated_residual(c, c_gate, a_text)
         return x, c
 
     def ffn_half(self, x: Tensor, c: Tensor, temb: Tensor) -> tuple[Tensor, Tensor]:
         shift, scale, gate, c_shift, c_scale, c_gate = self.norm2(temb).chunk(6, dim=-1)
-        x = gated_residual(x, gate, self.ff(modulate(self.norm2_video(x), shift, scale)))
+        x = self.ops.gated_residual(x, gate, self.ff(self.norm2_video(x, shift, scale)))
         if not self.spec.context_pre_only:
-            c = gated_residual(c, c_gate, self.ff_text(modulate(self.norm2_text(c), c_shift, c_scale)))
+            c = self.ops.gated_residual(c, c_gate, self.ff_text(self.norm2_text(c, c_shift, c_scale)))
         return x, c
 
     def forward(self, x: Tensor, c: Tensor, temb: Tensor, rope_cos: Tensor, rope_sin: Tensor, video_valid: Tensor,
@@ -294,7 +297,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         shift, scale = self.norm_out(temb).chunk(2, dim=-1)
-        return self.proj_out(modulate(self.norm(self.norm_final(x)), shift, scale))
+        return self.proj_out(self.norm(self.norm_final(x), shift, scale))
 
 
 def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch: int, channels: int) -> torch.Tensor:
@@ -353,9 +356,10 @@ class SUVMMDiT(nn.Module):
     call it right before each forward)."""
 
     def __init__(self, cfg: SUVConfig, config: ModelParallelConfig, stage: PipelineStage | None = None,
-                 init_seed: int | None = None) -> None:
+                 init_seed: int | None = None, compile_backend: str | None = None) -> None:
         """`init_seed`: reseed before each part (embeddings, every block, final layer), so a part starts from the
-        same values whichever pipeline stage builds it; None draws from the generators as they are."""
+        same values whichever pipeline stage builds it; None draws from the generators as they are.
+        `compile_backend`: torch.compile the blocks' elementwise regions with this backend (None: eager)."""
         from megatron.core.enums import ModelType
 
         from megatron_video.parallel.random import seed_model_part
@@ -385,7 +389,7 @@ class SUVMMDiT(nn.Module):
         blocks = []
         for i in self.stage.blocks:
             part(1 + i)
-            blocks.append(SUVBlock(cfg, config, specs[i]))
+            blocks.append(SUVBlock(cfg, config, specs[i], block_elementwise(compile_backend)))
         self.blocks = BlockStack(blocks)
         if self.post_process:
             part(1 + cfg.num_blocks)
@@ -567,7 +571,7 @@ class SUVMMDiT(nn.Module):
         cfg = self.cfg
         b, _, t, h, w = hidden_states.shape
         grid = (t, h // cfg.patch_size, w // cfg.patch_size)
-        rope = rope_cos_sin(grid, cfg.head_dim, cfg.rope_base, hidden_states.device)
+        rope = rope_cos_sin(grid, cfg.head_dim, cfg.rope_base, hidden_states.device, self.config.params_dtype)
         n = grid[0] * grid[1] * grid[2]
         text_len = encoder_hidden_states.shape[-2]
         video_valid, text_valid = self.key_validity(attention_mask, encoder_attention_mask, b, n, text_len,

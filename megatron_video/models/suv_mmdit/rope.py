@@ -2,8 +2,8 @@
 
 Each head vector is split into (t, h, w) blocks of 4/16, 6/16 and 6/16 of head_dim (32:48:48 at 128). Inside a
 block of size D, dim j pairs with dim j + D/2 (rotate-half) at frequency base^(-2j/D), and the position is the
-integer grid index of the token along that axis. Computed in fp32; applied before the skiparse layout so every
-token keeps its true position.
+integer grid index of the token along that axis. Angles in float64, cos/sin in the requested dtype; applied
+before the skiparse layout so every token keeps its true position.
 """
 
 from __future__ import annotations
@@ -59,11 +59,10 @@ def _rotate_half_blocks(u: torch.Tensor, sections: tuple[int, ...]) -> torch.Ten
 
 
 def apply_rope(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate u (N, B, heads, head_dim) by positions (N, head_dim); fp32 maths, result in u's dtype."""
-    x = u.float()
-    cos, sin = cos[:, None, None, :], sin[:, None, None, :]
-    rotated = x * cos + _rotate_half_blocks(x, rope_sections(u.shape[-1])) * sin
-    return rotated.to(u.dtype)
+    """Rotate u (N, B, heads, head_dim) by positions (N, head_dim) in u's dtype: u * cos + rot(u) * sin with one
+    rounding of the sum (addcmul); build cos/sin in that dtype (`rope_cos_sin(dtype=...)`) to avoid a cast."""
+    cos, sin = cos[:, None, None, :].to(u.dtype), sin[:, None, None, :].to(u.dtype)
+    return torch.addcmul(u * cos, _rotate_half_blocks(u, rope_sections(u.shape[-1])), sin)
 
 
 __all__ = ["apply_rope", "rope_cos_sin", "rope_sections"]

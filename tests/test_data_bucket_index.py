@@ -16,6 +16,7 @@ from megatron_video.data.bucket_index import (
     BucketIndexError,
     index_paths,
     load_bucket_index,
+    open_bucket_index,
     plan_bucket_index,
 )
 from megatron_video.data.config import DataConfig, ShapeConfig
@@ -68,7 +69,7 @@ def test_index_matches_planning_in_memory(metadata: Path, tmp_path: Path) -> Non
 
 def test_mismatches_are_refused_naming_the_file(metadata: Path, tmp_path: Path) -> None:
     meta, cfg = fresh_copy(metadata, tmp_path), ShapeConfig()
-    head_path, codes_path, members_path = index_paths(meta)
+    head_path, codes_path, members_path, layout_path = index_paths(meta)
     with pytest.raises(BucketIndexError, match=f"{head_path}: bucket index header not found"):
         load_bucket_index(str(meta), cfg)
     plan_bucket_index(str(meta), cfg)
@@ -81,6 +82,15 @@ def test_mismatches_are_refused_naming_the_file(metadata: Path, tmp_path: Path) 
     codes_path.write_bytes(good)
     members_path.write_bytes(members_path.read_bytes()[:-4])
     with pytest.raises(BucketIndexError, match=f"{members_path}: unreadable or truncated"):
+        load_bucket_index(str(meta), cfg)
+    plan_bucket_index(str(meta), cfg)
+    layout_path.write_bytes(layout_path.read_bytes()[:-8])
+    with pytest.raises(BucketIndexError, match=f"{layout_path}: unreadable or truncated"):
+        open_bucket_index(str(meta), cfg)
+    plan_bucket_index(str(meta), cfg)
+    header = json.loads(head_path.read_text())
+    head_path.write_text(json.dumps({**header, "version": 1}))  # an index from before the footer layout
+    with pytest.raises(BucketIndexError, match=f"{head_path}: index version 1, expected 2; re-plan"):
         load_bucket_index(str(meta), cfg)
     plan_bucket_index(str(meta), cfg)
     load_bucket_index(str(meta), cfg)

@@ -10,7 +10,8 @@
 
 and a linear projection of the planning time and index size to 1.1B rows.
 
-    python bench/bench_data_index.py --rows 10000000 30000000 [--workers 2] [--workdir DIR] [--skip-dataset]
+    python bench/bench_data_index.py --rows 10000000 100000000 [--workers 2] [--workdir DIR] [--skip-dataset]
+        [--in-memory-max-rows N] [--delete]
 """
 
 from __future__ import annotations
@@ -79,19 +80,23 @@ def _dataset_child(path: str, on_demand: bool, gbs: int, mbs: int, dp: int) -> N
         return int(line.split()[1]) / 1024
 
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS (Linux >= 4.0)
-    base = status("VmRSS")
+    base, anon0 = status("VmRSS"), status("RssAnon")
     config = DataConfig.from_dict({"metadata_paths": [path], "shape": SHAPE})
     t0 = time.perf_counter()
     ds = VideoDataset.from_index(config) if on_demand else VideoDataset.from_config(config)
     keys = ds.sampler_keys
     sampler = ShapeBatchSampler(keys, gbs, mbs, dp - 1, dp, seed=1, min_bucket_batches=4)
     setup = time.perf_counter() - t0
+    after_setup, anon_setup = status("VmRSS") - base, status("RssAnon") - anon0
     t1 = time.perf_counter()
     records = [ds.metadata.record(i) for i in next(iter(sampler))]
     first = time.perf_counter() - t1
     print(json.dumps({"setup_s": round(setup, 3), "first_records_s": round(first, 4), "records": len(records),
+                      "rss_after_setup_over_imports_mib": round(after_setup, 1),
+                      "private_rss_after_setup_over_imports_mib": round(anon_setup, 1),
                       "peak_rss_over_imports_mib": round(status("VmHWM") - base, 1),
-                      "rss_after_imports_mib": round(base)}))
+                      "private_rss_after_first_batch_over_imports_mib": round(status("RssAnon") - anon0, 1),
+                      "rss_after_imports_mib": round(base), "load_average_1min": os.getloadavg()[0]}))
 
 
 def _child(code: str) -> dict:
@@ -100,10 +105,11 @@ def _child(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_dataset(path: Path) -> dict:
-    """The training dataset's set-up over `path`: on demand from the index vs in memory (fresh processes)."""
+def bench_dataset(path: Path, in_memory: bool) -> dict:
+    """The training dataset's set-up over `path`: on demand from the index vs (`in_memory`) today's in-memory
+    path, each in a fresh process."""
     out = {}
-    for name, on_demand in (("on_demand", True), ("in_memory", False)):
+    for name, on_demand in (("on_demand", True), ("in_memory", False))[:2 if in_memory else 1]:
         r = _child(f"import bench_data_index as b; b._dataset_child({str(path)!r}, {on_demand}, 1024, 2, 64)")
         out.update({f"{name}_{k}": v for k, v in r.items()})
     return out
@@ -122,12 +128,14 @@ def bench(work: Path, rows: int, workers: int) -> dict:
         print(f"wrote {rows:,} rows ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s",
               flush=True)
     t0 = time.perf_counter()
-    plan_bucket_index(str(path), DataConfig.from_dict({"shape": SHAPE}).shape, workers=workers)
+    head = plan_bucket_index(str(path), DataConfig.from_dict({"shape": SHAPE}).shape, workers=workers)
     plan_s = time.perf_counter() - t0
     index_bytes = sum(p.stat().st_size for p in index_paths(path))
+    footer = head["footer"]
     r = _child(f"import bench_data_index as b; b._setup_child({str(path)!r}, 1024, 2, 64)")
     return {"rows": rows, "workers": workers, "plan_s": round(plan_s, 1), "index_mib": round(index_bytes / 2**20),
-            **r}
+            "metadata_mib": round(path.stat().st_size / 2**20), "footer_mib": round(footer["length"] / 2**20, 1),
+            "row_groups": footer["row_groups"], **r}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--workdir", type=Path, default=None, help="kept between runs (default: a temp dir)")
     p.add_argument("--skip-dataset", action="store_true", help="leave out the training dataset's set-up")
+    p.add_argument("--in-memory-max-rows", type=int, default=4_000_000,
+                   help="also time today's in-memory path up to this many rows (it loads every row)")
+    p.add_argument("--delete", action="store_true", help="delete each synthetic file and its index after use")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = a.workdir or Path(tmp)
@@ -153,13 +164,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['load_average_1min']:.1f} on {os.cpu_count()} cores")
             print(json.dumps(r), flush=True)
             if not a.skip_dataset:
-                d = bench_dataset(work / f"synthetic_{rows}.parquet")
+                d = bench_dataset(work / f"synthetic_{rows}.parquet", rows <= a.in_memory_max_rows)
                 print(f"{rows:,} rows, training dataset + sampler set-up: on demand from the index "
-                      f"{d['on_demand_setup_s']} s, peak RSS {d['on_demand_peak_rss_over_imports_mib']} MiB over the "
-                      f"imports, first micro-batch's {d['on_demand_records']} records "
-                      f"{d['on_demand_first_records_s']} s; in memory (today's path) {d['in_memory_setup_s']} s, "
-                      f"{d['in_memory_peak_rss_over_imports_mib']} MiB; load average {os.getloadavg()[0]:.1f}")
+                      f"{d['on_demand_setup_s']} s, RSS after set-up {d['on_demand_rss_after_setup_over_imports_mib']} "
+                      f"MiB over the imports (peak {d['on_demand_peak_rss_over_imports_mib']} MiB), first "
+                      f"micro-batch's {d['on_demand_records']} records {d['on_demand_first_records_s']} s"
+                      + (f"; in memory (today's path) {d['in_memory_setup_s']} s, "
+                         f"{d['in_memory_peak_rss_over_imports_mib']} MiB" if "in_memory_setup_s" in d else "")
+                      + f"; load average {os.getloadavg()[0]:.1f}")
                 print(json.dumps(d), flush=True)
+            if a.delete:
+                from megatron_video.data.bucket_index import index_paths
+
+                path = work / f"synthetic_{rows}.parquet"
+                for f in (path, *index_paths(path)):
+                    f.unlink(missing_ok=True)
     return 0
 
 

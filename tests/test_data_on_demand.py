@@ -32,10 +32,10 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object]]:
     one, many, whole = pq.ParquetFile.read_row_group, pq.ParquetFile.read_row_groups, pq.ParquetFile.read
     init, through_layout, inner = pq.ParquetFile.__init__, RowGroupFile.read_row_group, []
 
-    def parquet_file(self, source, *a, metadata=None, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
-        if metadata is None and isinstance(source, (str, Path)):  # (a one-row-group footer is read from memory)
+    def parquet_file(self, source, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if k.get("metadata") is None and isinstance(source, (str, Path)):  # (one-row-group footers: in memory)
             log.append(("footer", str(source)))
-        return init(self, source, *a, metadata=metadata, **k)
+        return init(self, source, *a, **k)
 
     def layout_read(self, rg, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
         log.append(("group", rg))

@@ -125,6 +125,18 @@ def test_preflight_and_tool_refuse_a_stale_index(metadata: Path, tmp_path: Path,
     config.shape.max_tokens = 65536
     with pytest.raises(PreflightError, match=f"{index_paths(meta)[0]}: planned with other shape settings"):
         check_metadata(config)
+    config.shape.max_tokens = 16384
+    layout = index_paths(meta)[3]
+    good = layout.read_bytes()
+    layout.write_bytes(good[:-8])  # a truncated index file
+    with pytest.raises(PreflightError, match=f"{layout}: unreadable or truncated"):
+        check_metadata(config)
+    layout.write_bytes(good)
+    check_metadata(config)
+    st = os.stat(meta)
+    os.utime(meta, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the metadata changed since planning
+    with pytest.raises(PreflightError, match=f"{index_paths(meta)[0]}: written for other or older metadata"):
+        check_metadata(config)
     assert tool.main(["--metadata", str(tmp_path / "missing.parquet"), "--data-config", str(config_path)]) == 2
     assert "not an existing .parquet metadata file" in capsys.readouterr().err
 

@@ -104,6 +104,10 @@ def check_mapped_index_arrays(out: Path, cfg: Any, cache: FeatureCacheDataset) -
     damaged.write_bytes(saved[damaged][:-8])
     with pytest.raises(ValueError, match=f"{damaged}: unreadable or truncated feature cache array"):
         FeatureCacheDataset(out, cfg)
+    from megatron_video.training.preflight import PreflightError, check_metadata
+
+    with pytest.raises(PreflightError, match=f"{damaged}: unreadable or truncated"):  # before any process group
+        check_metadata(tiny_config(out.parent, cache_path=str(out), metadata_paths=cfg.metadata_paths))
     damaged.write_bytes(saved[damaged])
 
 

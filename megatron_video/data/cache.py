@@ -108,6 +108,32 @@ def index_files(cache_dir: str | os.PathLike) -> list[Path]:
     return parts
 
 
+def open_index_arrays(cache_dir: str | os.PathLike, n: int) -> tuple[np.ndarray, ...] | None:
+    """A merged index's per-sample arrays (`INDEX_ARRAYS`) as memory maps; None without a merged index.parquet,
+    or (with a warning) for a cache merged before they were written. A damaged array: ValueError naming it."""
+    out_dir = Path(cache_dir)
+    if not (out_dir / "index.parquet").exists():
+        return None
+    paths = [out_dir / f"{name}.npy" for name in INDEX_ARRAYS]
+    if not any(p.exists() for p in paths):
+        logger.warning("feature cache %s: merged without per-sample arrays (an older cache): 20 bytes a sample "
+                       "are held in memory; re-run tools/cache_features.py on it (every shard is done, so it "
+                       "only re-merges the index) to memory-map them", out_dir)
+        return None
+    out = []
+    for path, (dtype, _) in zip(paths, INDEX_ARRAYS.values()):
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: unreadable or truncated feature cache array ({exc}); re-run "
+                             "tools/cache_features.py on the cache to re-merge its index") from exc
+        if arr.shape != (n,) or arr.dtype != dtype:
+            raise ValueError(f"{path}: holds {arr.dtype}{list(arr.shape)}, expected {np.dtype(dtype)}[{n}]; "
+                             "re-run tools/cache_features.py on the cache to re-merge its index")
+        out.append(arr)
+    return tuple(out)
+
+
 def hash_seed(*values: int) -> int:
     return int(np.random.default_rng(list(values)).integers(0, 2**62))
 
@@ -134,7 +160,7 @@ class FeatureCacheDataset(Dataset):
             raise ValueError(f"{self.dir}: cache version {self.meta.get('version')} != {CACHE_VERSION}")
         self._captions = IndexCaptions(index_files(self.dir))
         n = int(self.meta["num_samples"])
-        mapped = self._mapped_arrays(n)
+        mapped = open_index_arrays(self.dir, n)
         if mapped is not None:  # a merged index: per-sample arrays memory-mapped (page cache, shared by ranks)
             self.shape_keys, self._shard, self._row = mapped
         else:  # shards only (a cache still being built), or merged before the arrays existed: in memory
@@ -156,30 +182,6 @@ class FeatureCacheDataset(Dataset):
         self.epoch = 0
         logger.info("feature cache %s: %d index rows for %d samples (%s)", self.dir, int(self._captions.starts[-1]), n,
                     "memory-mapped" if mapped is not None else "in memory")
-
-    def _mapped_arrays(self, n: int) -> tuple[np.ndarray, ...] | None:
-        """The merged index's per-sample arrays as memory maps; None without a merged index.parquet, or (with a
-        warning) for a cache merged before they were written. A damaged array: ValueError naming it."""
-        if not (self.dir / "index.parquet").exists():
-            return None
-        paths = [self.dir / f"{name}.npy" for name in INDEX_ARRAYS]
-        if not any(p.exists() for p in paths):
-            logger.warning("feature cache %s: merged without per-sample arrays (an older cache): 20 bytes a sample "
-                           "are held in memory; re-run tools/cache_features.py on it (every shard is done, so it "
-                           "only re-merges the index) to memory-map them", self.dir)
-            return None
-        out = []
-        for path, (dtype, _) in zip(paths, INDEX_ARRAYS.values()):
-            try:
-                arr = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"{path}: unreadable or truncated feature cache array ({exc}); re-run "
-                                 "tools/cache_features.py on the cache to re-merge its index") from exc
-            if arr.shape != (n,) or arr.dtype != dtype:
-                raise ValueError(f"{path}: holds {arr.dtype}{list(arr.shape)}, expected {np.dtype(dtype)}[{n}]; "
-                                 "re-run tools/cache_features.py on the cache to re-merge its index")
-            out.append(arr)
-        return tuple(out)
 
     def __getstate__(self) -> dict[str, Any]:  # open safetensors handles stay in their process
         state = dict(self.__dict__)

@@ -115,25 +115,78 @@ def bench_dataset(path: Path, in_memory: bool) -> dict:
     return out
 
 
-def bench(work: Path, rows: int, workers: int) -> dict:
+def write_tiled(path: Path, rows: int, chunk: int, workers: int) -> float:
+    """`path`: one `chunk`-row synthetic chunk repeated (paths made distinct per copy), and its bucket index
+    written from the chunk's planned keys repeated (the planning a full run would do gives the same keys).
+    Returns the chunk's planning time scaled to `rows`."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from bench_data import write_synthetic_parquet
+
+    from megatron_video.data.bucket_index import (
+        EXCLUDED,
+        index_paths,
+        metadata_identity,
+        plan_bucket_index,
+        write_bucket_index,
+    )
+    from megatron_video.data.config import DataConfig
+    from megatron_video.data.convert import PARQUET_ROW_GROUP
+    from megatron_video.data.parquet_footer import footer_layout
+
+    if rows % chunk:
+        raise SystemExit(f"--tile: {rows} rows is not a multiple of the {chunk}-row chunk")
+    cfg = DataConfig.from_dict({"shape": SHAPE}).shape
+    base = path.with_name(f"chunk_{chunk}.parquet")
+    if not base.exists():
+        write_synthetic_parquet(base, chunk)
+    t0 = time.perf_counter()
+    head = plan_bucket_index(str(base), cfg, workers=workers)
+    plan_s = (time.perf_counter() - t0) * rows / chunk
+    codes = np.load(index_paths(base)[1]).astype(np.int64)
+    keys = np.append(np.array(head["bucket_keys"], np.int64), -1)[np.where(codes == EXCLUDED, -1, codes)]
+    t0 = time.perf_counter()
+    table = pq.read_table(base)
+    with pq.ParquetWriter(str(path), table.schema) as writer:
+        for k in range(rows // chunk):
+            paths = pc.binary_join_element_wise(f"tile{k:05d}/", table.column("path"), "")
+            writer.write_table(table.set_column(0, "path", paths), row_group_size=PARQUET_ROW_GROUP)
+    print(f"wrote {rows:,} rows ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    t0 = time.perf_counter()
+    identity = metadata_identity(path)
+    layout = footer_layout(path)
+    scan = time.perf_counter() - t0
+    write_bucket_index(str(path), cfg, (keys for _ in range(rows // chunk)), layout, identity)
+    print(f"footer layout scan {scan:.1f} s, index written in {time.perf_counter() - t0 - scan:.1f} s", flush=True)
+    return plan_s
+
+
+def bench(work: Path, rows: int, workers: int, tile: int = 0) -> dict:
     from bench_data import write_synthetic_parquet
 
     from megatron_video.data.bucket_index import index_paths, plan_bucket_index
     from megatron_video.data.config import DataConfig
 
     path = work / f"synthetic_{rows}.parquet"
-    if not path.exists():
+    if tile:
+        plan_s = write_tiled(path, rows, tile, workers)
+        head = json.loads(index_paths(path)[0].read_text())
+    else:
+        if not path.exists():
+            t0 = time.perf_counter()
+            write_synthetic_parquet(path, rows)
+            print(f"wrote {rows:,} rows ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s",
+                  flush=True)
         t0 = time.perf_counter()
-        write_synthetic_parquet(path, rows)
-        print(f"wrote {rows:,} rows ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s",
-              flush=True)
-    t0 = time.perf_counter()
-    head = plan_bucket_index(str(path), DataConfig.from_dict({"shape": SHAPE}).shape, workers=workers)
-    plan_s = time.perf_counter() - t0
+        head = plan_bucket_index(str(path), DataConfig.from_dict({"shape": SHAPE}).shape, workers=workers)
+        plan_s = time.perf_counter() - t0
     index_bytes = sum(p.stat().st_size for p in index_paths(path))
     footer = head["footer"]
     r = _child(f"import bench_data_index as b; b._setup_child({str(path)!r}, 1024, 2, 64)")
-    return {"rows": rows, "workers": workers, "plan_s": round(plan_s, 1), "index_mib": round(index_bytes / 2**20),
+    return {"rows": rows, "workers": workers, "plan_s": round(plan_s, 1), "planning": "scaled from the chunk"
+            if tile else "measured", "index_mib": round(index_bytes / 2**20),
             "metadata_mib": round(path.stat().st_size / 2**20), "footer_mib": round(footer["length"] / 2**20, 1),
             "row_groups": footer["row_groups"], **r}
 
@@ -147,15 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-memory-max-rows", type=int, default=4_000_000,
                    help="also time today's in-memory path up to this many rows (it loads every row)")
     p.add_argument("--delete", action="store_true", help="delete each synthetic file and its index after use")
+    p.add_argument("--tile", type=int, default=0, metavar="CHUNK",
+                   help="build each file by repeating one CHUNK-row synthetic chunk (distinct paths) and its index "
+                        "from the chunk's planned keys; planning time is the chunk's, scaled")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = a.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for rows in a.rows:
-            r = bench(work, rows, a.workers)
+            r = bench(work, rows, a.workers, a.tile)
             scale = REPORT_ROWS / rows
-            print(f"{rows:,} rows: planning {r['plan_s']} s on {a.workers} process(es) (1.1B projected "
-                  f"{r['plan_s'] * scale / 3600:.1f} h per process), index {r['index_mib']} MiB (1.1B: "
+            print(f"{rows:,} rows: planning {r['plan_s']} s ({r['planning']}) on {a.workers} process(es) (1.1B "
+                  f"projected {r['plan_s'] * scale / 3600:.1f} h on as many), index {r['index_mib']} MiB (1.1B: "
                   f"{r['index_mib'] * scale / 1024:.1f} GiB on disk, memory-mapped); set-up from the index "
                   f"{r['setup_from_index_s']} s, peak RSS {r['peak_rss_over_imports_mib']} MiB over the imports "
                   f"(private RSS grew {r['private_rss_growth_mib']} MiB, mapped index pages "
@@ -177,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                 from megatron_video.data.bucket_index import index_paths
 
                 path = work / f"synthetic_{rows}.parquet"
-                for f in (path, *index_paths(path)):
+                chunk = work / f"chunk_{a.tile}.parquet"
+                for f in (path, *index_paths(path), chunk, *index_paths(chunk)):
                     f.unlink(missing_ok=True)
     return 0
 

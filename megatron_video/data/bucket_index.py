@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,14 +115,7 @@ def plan_bucket_index(metadata: str, cfg: ShapeConfig, workers: int = 1, rows_pe
         layout = footer_layout(metadata)
     except FooterError as exc:
         raise BucketIndexError(str(exc)) from exc
-    n = layout.num_rows
-    head_path, codes_path, members_path, layout_path = index_paths(metadata)
-    tmp_codes = codes_path.with_name(codes_path.name + ".tmp.npy")
-    codes = np.lib.format.open_memmap(tmp_codes, "w+", np.uint16, (n,))
-    table: dict[int, int] = {}
-    digest = hashlib.blake2b(digest_size=16)
     tasks = _tasks(metadata, layout, rows_per_task, planning_settings(cfg))
-    pos = 0
     if workers > 1:
         import multiprocessing as mp
 
@@ -134,7 +127,28 @@ def plan_bucket_index(metadata: str, cfg: ShapeConfig, workers: int = 1, rows_pe
         _init_planner(metadata, layout)
         pool, results = None, map(_plan_groups, tasks)
     try:
-        for keys in results:  # in row order
+        return write_bucket_index(metadata, cfg, results, layout, identity, rows_per_task)
+    finally:
+        _SOURCE.clear()
+        if pool is not None:
+            pool.close()
+
+
+def write_bucket_index(metadata: str, cfg: ShapeConfig, planned: Iterable[np.ndarray], layout: FooterLayout,
+                       identity: dict[str, Any], rows_per_task: int = 1 << 20) -> dict[str, Any]:
+    """Write the index of `metadata` from its rows' planned keys (`planned`: int64 chunks in row order, -1 for an
+    excluded row) taken with `cfg`; `identity` and `layout` taken from the file before planning read it."""
+    n = layout.num_rows
+    head_path, codes_path, members_path, layout_path = index_paths(metadata)
+    tmp_codes = codes_path.with_name(codes_path.name + ".tmp.npy")
+    codes = np.lib.format.open_memmap(tmp_codes, "w+", np.uint16, (n,))
+    table: dict[int, int] = {}
+    digest = hashlib.blake2b(digest_size=16)
+    pos = 0
+    try:
+        for keys in planned:  # in row order
+            if pos + len(keys) > n:
+                raise BucketIndexError(f"{metadata}: planned more rows than its {n}")
             digest.update(np.ascontiguousarray(keys, np.int64))
             uniq, inverse = np.unique(keys, return_inverse=True)
             local = np.array([EXCLUDED if k < 0 else table.setdefault(int(k), len(table)) for k in uniq])
@@ -142,10 +156,12 @@ def plan_bucket_index(metadata: str, cfg: ShapeConfig, workers: int = 1, rows_pe
                 raise BucketIndexError(f"{metadata}: more than {EXCLUDED - 1} shape buckets")
             codes[pos:pos + len(keys)] = local[inverse.ravel()]
             pos += len(keys)
-    finally:
-        _SOURCE.clear()
-        if pool is not None:
-            pool.close()
+        if pos != n:
+            raise BucketIndexError(f"{metadata}: planned {pos} rows of its {n}")
+    except BaseException:
+        del codes
+        tmp_codes.unlink(missing_ok=True)
+        raise
     keys_by_code = np.array(sorted(table, key=table.get), np.int64)
     counts = np.zeros(len(table), np.int64)
     for lo in range(0, n, rows_per_task):

@@ -9,6 +9,8 @@ Layout of a cache directory:
     index_keys.npy, index_shards.npy, index_rows.npy
                                  per metadata sample id: shape key (-1: not cached), shard, row of index.parquet
                                  (memory-mapped by readers: no per-sample array in private memory)
+    index_rowgroups.npy/.json    where index.parquet's row groups lie in its footer (captions are read by row
+                                 group without decoding the whole footer)
     index.parquet                all rows (written once every shard is done, after the arrays; readers fall
                                  back to the shards)
 
@@ -58,6 +60,7 @@ def read_index(cache_dir: str | os.PathLike) -> dict[str, np.ndarray | list]:
 NUMERIC_INDEX_COLUMNS = ("sample_id", "ok", "t", "h", "w", "shard")
 INDEX_ARRAYS = {"index_keys": (np.int64, -1), "index_shards": (np.int32, -1), "index_rows": (np.int64, -1)}
 INDEX_ROW_GROUP = 8192  # rows per row group of index.parquet
+INDEX_LAYOUT = "index_rowgroups"  # .npy + .json: where index.parquet's row groups lie in its footer
 
 
 class IndexCaptions:
@@ -73,7 +76,7 @@ class IndexCaptions:
 
         from megatron_video.data.metadata_parquet import RowGroupCache
 
-        self._files = [RowGroupCache(pq.ParquetFile(p), self._size) for p in self.paths]
+        self._files = [RowGroupCache(_index_file(p) or pq.ParquetFile(p), self._size) for p in self.paths]
         self.starts = np.cumsum([0] + [int(f.starts[-1]) for f in self._files])
 
     def __getstate__(self) -> dict[str, Any]:
@@ -95,6 +98,23 @@ class IndexCaptions:
         f = int(np.searchsorted(self.starts, row, side="right")) - 1
         rg, j = self._files[f].locate(row - int(self.starts[f]))
         return self._files[f].get(rg, ("captions",)).column("captions")[j].as_py()
+
+
+def _index_file(path: Path) -> Any:
+    """index.parquet read through its footer layout (written by merge_index: the footer, which grows with the
+    row groups, is never decoded whole); None for shard files and caches merged before the layout existed."""
+    from megatron_video.data.parquet_footer import FooterError, FooterLayout, RowGroupFile
+
+    head, rows = path.with_name(f"{INDEX_LAYOUT}.json"), path.with_name(f"{INDEX_LAYOUT}.npy")
+    if path.name != "index.parquet" or not head.exists():
+        return None
+    try:
+        foot, arr = json.loads(head.read_text()), np.load(rows, mmap_mode="r")
+        layout = FooterLayout(foot["offset"], foot["length"], foot["head_length"], arr[0], arr[1], str(rows))
+        return RowGroupFile(path, layout)
+    except (OSError, ValueError, KeyError, IndexError, FooterError) as exc:
+        raise ValueError(f"{rows}: unreadable or stale footer layout of {path} ({exc}); re-run "
+                         "tools/cache_features.py on the cache to re-merge its index") from exc
 
 
 def index_files(cache_dir: str | os.PathLike) -> list[Path]:

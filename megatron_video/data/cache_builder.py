@@ -21,6 +21,7 @@ import torch
 from megatron_video.data.cache import (
     CACHE_VERSION,
     INDEX_ARRAYS,
+    INDEX_LAYOUT,
     INDEX_ROW_GROUP,
     NUMERIC_INDEX_COLUMNS,
     shard_name,
@@ -225,8 +226,23 @@ def merge_index(cache_dir: str | os.PathLike) -> bool:
             if rows:
                 writer.write_table(pa.concat_tables(buf), row_group_size=group)
 
-    _write_atomic(out / "index.parquet", write)  # last: its presence marks the index (and arrays) complete
+    tmp = out / "index.parquet.tmp"
+    write(str(tmp))
+    _write_footer_layout(out, tmp)
+    os.replace(tmp, out / "index.parquet")  # last: its presence marks the index (arrays, layout) complete
     return True
+
+
+def _write_footer_layout(out: Path, index: Path) -> None:
+    """Where each row group of index.parquet lies in its footer (read_row_group without decoding the whole
+    footer: `parquet_footer`), as INDEX_LAYOUT .npy [bounds; starts] + .json (footer position)."""
+    from megatron_video.data.parquet_footer import footer_layout
+
+    layout = footer_layout(index)
+    np.save(out / f"{INDEX_LAYOUT}.tmp.npy", np.stack([layout.bounds, layout.starts]))
+    os.replace(out / f"{INDEX_LAYOUT}.tmp.npy", out / f"{INDEX_LAYOUT}.npy")
+    _write_atomic(out / f"{INDEX_LAYOUT}.json", lambda p: Path(p).write_text(json.dumps(
+        {"offset": layout.footer_offset, "length": layout.footer_length, "head_length": layout.head_length})))
 
 
 def _write_index_arrays(out: Path, parts: list[Path], num_samples: int) -> None:

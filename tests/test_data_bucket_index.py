@@ -16,6 +16,7 @@ from megatron_video.data.bucket_index import (
     BucketIndexError,
     index_paths,
     load_bucket_index,
+    open_bucket_index,
     plan_bucket_index,
 )
 from megatron_video.data.config import DataConfig, ShapeConfig
@@ -68,7 +69,7 @@ def test_index_matches_planning_in_memory(metadata: Path, tmp_path: Path) -> Non
 
 def test_mismatches_are_refused_naming_the_file(metadata: Path, tmp_path: Path) -> None:
     meta, cfg = fresh_copy(metadata, tmp_path), ShapeConfig()
-    head_path, codes_path, members_path = index_paths(meta)
+    head_path, codes_path, members_path, layout_path = index_paths(meta)
     with pytest.raises(BucketIndexError, match=f"{head_path}: bucket index header not found"):
         load_bucket_index(str(meta), cfg)
     plan_bucket_index(str(meta), cfg)
@@ -81,6 +82,15 @@ def test_mismatches_are_refused_naming_the_file(metadata: Path, tmp_path: Path) 
     codes_path.write_bytes(good)
     members_path.write_bytes(members_path.read_bytes()[:-4])
     with pytest.raises(BucketIndexError, match=f"{members_path}: unreadable or truncated"):
+        load_bucket_index(str(meta), cfg)
+    plan_bucket_index(str(meta), cfg)
+    layout_path.write_bytes(layout_path.read_bytes()[:-8])
+    with pytest.raises(BucketIndexError, match=f"{layout_path}: unreadable or truncated"):
+        open_bucket_index(str(meta), cfg)
+    plan_bucket_index(str(meta), cfg)
+    header = json.loads(head_path.read_text())
+    head_path.write_text(json.dumps({**header, "version": 1}))  # an index from before the footer layout
+    with pytest.raises(BucketIndexError, match=f"{head_path}: index version 1, expected 2; re-plan"):
         load_bucket_index(str(meta), cfg)
     plan_bucket_index(str(meta), cfg)
     load_bucket_index(str(meta), cfg)
@@ -114,6 +124,18 @@ def test_preflight_and_tool_refuse_a_stale_index(metadata: Path, tmp_path: Path,
     check_metadata(config)  # the index matches
     config.shape.max_tokens = 65536
     with pytest.raises(PreflightError, match=f"{index_paths(meta)[0]}: planned with other shape settings"):
+        check_metadata(config)
+    config.shape.max_tokens = 16384
+    layout = index_paths(meta)[3]
+    good = layout.read_bytes()
+    layout.write_bytes(good[:-8])  # a truncated index file
+    with pytest.raises(PreflightError, match=f"{layout}: unreadable or truncated"):
+        check_metadata(config)
+    layout.write_bytes(good)
+    check_metadata(config)
+    st = os.stat(meta)
+    os.utime(meta, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the metadata changed since planning
+    with pytest.raises(PreflightError, match=f"{index_paths(meta)[0]}: written for other or older metadata"):
         check_metadata(config)
     assert tool.main(["--metadata", str(tmp_path / "missing.parquet"), "--data-config", str(config_path)]) == 2
     assert "not an existing .parquet metadata file" in capsys.readouterr().err

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from megatron_video.data import build_sampler
-from megatron_video.data.cache import FeatureCacheDataset, read_index
+from megatron_video.data.cache import INDEX_ARRAYS, FeatureCacheDataset, read_index
 from megatron_video.data.cache_builder import build_cache, merge_index, stub_encoders
 from megatron_video.data.dataset import VideoDataset
 from megatron_video.data.shapes import decode_key
@@ -74,6 +75,49 @@ def test_build_resume_and_read(sample_dataset_dir: Path, tmp_path: Path) -> None
     sampler = build_sampler(cache.shape_keys, cfg)
     batch = next(iter(sampler))
     assert len({cache[(i, 0)]["shape"] for i in batch}) == 1
+    check_mapped_index_arrays(out, cfg, cache)
+
+
+def check_mapped_index_arrays(out: Path, cfg: Any, cache: FeatureCacheDataset) -> None:
+    """A merged cache's per-sample arrays are memory maps (nothing per sample in private memory), pickle as
+    their files, equal what an older cache without them computes in memory, and are refused when damaged."""
+    import pickle
+
+    from megatron_video.data.parquet_footer import RowGroupFile
+
+    arrays = (cache.shape_keys, cache._shard, cache._row)
+    assert all(isinstance(a, np.memmap) for a in arrays)
+    assert isinstance(cache._captions._files[0].file, RowGroupFile)  # index.parquet's footer never decoded whole
+    state = cache.__getstate__()  # a spawned DataLoader worker maps the files, no copy
+    assert [state[k][0] for k in ("shape_keys", "_shard", "_row")] == ["memmap"] * 3 and state["buckets"] is None
+    again = pickle.loads(pickle.dumps(cache))
+    assert all(isinstance(getattr(again, k), np.memmap) for k in ("shape_keys", "_shard", "_row"))
+    assert again[(2, 0)]["caption"] == cache[(2, 0)]["caption"]
+    saved = {out / f"{name}.npy": (out / f"{name}.npy").read_bytes() for name in INDEX_ARRAYS}
+    assert len(saved) == 3
+    for p in saved:  # an older cache, merged before the arrays: read in memory, same values
+        p.unlink()
+    older = FeatureCacheDataset(out, cfg)
+    assert not isinstance(older.shape_keys, np.memmap)
+    for mine, theirs in zip(arrays, (older.shape_keys, older._shard, older._row)):
+        np.testing.assert_array_equal(mine, theirs)
+    for p, data in saved.items():
+        p.write_bytes(data)
+    damaged = out / "index_rows.npy"
+    damaged.write_bytes(saved[damaged][:-8])
+    with pytest.raises(ValueError, match=f"{damaged}: unreadable or truncated feature cache array"):
+        FeatureCacheDataset(out, cfg)
+    from megatron_video.training.preflight import PreflightError, check_metadata
+
+    with pytest.raises(PreflightError, match=f"{damaged}: unreadable or truncated"):  # before any process group
+        check_metadata(tiny_config(out.parent, cache_path=str(out), metadata_paths=cfg.metadata_paths))
+    damaged.write_bytes(saved[damaged])
+    head = out / "index_rowgroups.json"
+    good = head.read_text()
+    head.write_text(json.dumps({**json.loads(good), "offset": 1}))  # a layout of another index.parquet
+    with pytest.raises(ValueError, match=f"{out / 'index_rowgroups.npy'}: unreadable or stale footer layout"):
+        FeatureCacheDataset(out, cfg)
+    head.write_text(good)
 
 
 def test_bad_samples_marked_and_damaged_shard_replaced(fresh_dataset_dir: Path,  # noqa: F811

@@ -15,6 +15,7 @@ import torch
 from megatron_video.data.bucket_index import BucketCodes, plan_bucket_index
 from megatron_video.data.config import DataConfig
 from megatron_video.data.dataset import VideoDataset
+from megatron_video.data.parquet_footer import RowGroupFile
 from megatron_video.data.sampler import ShapeBatchSampler
 from tests.data_fixtures import fresh_dataset_dir, sample_dataset_dir, tiny_config  # noqa: F401
 from tests.test_data_bucket_index import ROWS, fresh_copy, metadata  # noqa: F401
@@ -24,12 +25,29 @@ ROW_GROUP = 4096  # bench_data.write_synthetic_parquet's row groups (convert.PAR
 
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object]]:
-    """Every row data read of any Parquet file: ("group", rg) per read_row_group, ("groups", rgs), ("read", 0)."""
+    """Every row data read of any Parquet file: ("group", rg) per read_row_group (of the file, or through the
+    index's footer layout: `RowGroupFile`), ("groups", rgs), ("read", 0); and ("footer", path) whenever a file's
+    whole footer is decoded (a `ParquetFile` opened on a path without a one-row-group `metadata=`)."""
     log: list[tuple[str, object]] = []
     one, many, whole = pq.ParquetFile.read_row_group, pq.ParquetFile.read_row_groups, pq.ParquetFile.read
+    init, through_layout, inner = pq.ParquetFile.__init__, RowGroupFile.read_row_group, []
+
+    def parquet_file(self, source, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if k.get("metadata") is None and isinstance(source, (str, Path)):  # (one-row-group footers: in memory)
+            log.append(("footer", str(source)))
+        return init(self, source, *a, **k)
+
+    def layout_read(self, rg, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        log.append(("group", rg))
+        inner.append(rg)  # the one-row-group file read inside is this same read
+        try:
+            return through_layout(self, rg, *a, **k)
+        finally:
+            inner.pop()
 
     def read_row_group(self, i, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
-        log.append(("group", i))
+        if not inner:
+            log.append(("group", i))
         return one(self, i, *a, **k)
 
     def read_row_groups(self, groups, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
@@ -43,6 +61,8 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object]]:
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", read_row_group)
     monkeypatch.setattr(pq.ParquetFile, "read_row_groups", read_row_groups)
     monkeypatch.setattr(pq.ParquetFile, "read", read)
+    monkeypatch.setattr(pq.ParquetFile, "__init__", parquet_file)
+    monkeypatch.setattr(RowGroupFile, "read_row_group", layout_read)
     return log
 
 
@@ -88,7 +108,8 @@ def test_start_up_reads_nothing_per_row_and_records_cost_their_row_group(metadat
     plan_bucket_index(str(meta), config.shape)
     reads.clear()
     lazy = VideoDataset.from_index(config)
-    assert reads == [] and len(lazy) == ROWS
+    assert reads == [] and len(lazy) == ROWS  # no row read, and no footer decoded whole
+    assert isinstance(lazy.metadata._sources[0]._rg_starts, np.memmap)  # row-group starts: the index's map
     eager = VideoDataset.from_config(config)
     keys = np.array([lazy._keys[i] for i in range(ROWS)])
     np.testing.assert_array_equal(keys, eager.shape_keys)
@@ -97,7 +118,8 @@ def test_start_up_reads_nothing_per_row_and_records_cost_their_row_group(metadat
     expected = [eager.metadata.record(i) for i in ids]
     reads.clear()
     assert [lazy.metadata.record(i) for i in ids] == expected
-    assert reads == [("group", 0), ("group", 2)]  # each touched row group once (LRU), row group 1 never
+    assert reads == [("group", 0), ("group", 2)]  # each touched row group once (LRU), row group 1 never,
+    # each through its own slice of the footer (the whole footer grows with the rows and is never decoded)
     # a DataLoader worker (spawn) gets the index's path, not a copy of its arrays, and maps the same file
     codes = pickle.loads(pickle.dumps(lazy._keys))
     assert isinstance(codes, BucketCodes) and len(pickle.dumps(lazy._keys)) < 2000

@@ -3,8 +3,10 @@
 
     python tools/plan_buckets.py --metadata meta.parquet --data-config data.json [--workers 4]
 
-Writes meta.parquet.buckets.npy (uint16 per row), meta.parquet.members.npy (row ids grouped by bucket) and
-meta.parquet.buckets.json (settings, metadata identity, per-bucket counts); see megatron_video/data/bucket_index.py.
+Writes meta.parquet.buckets.npy (uint16 per row), meta.parquet.members.npy (row ids grouped by bucket),
+meta.parquet.rowgroups.npy (where each row group lies in the Parquet footer, so training never decodes the whole
+footer) and meta.parquet.buckets.json (settings, metadata identity, per-bucket counts); see
+megatron_video/data/bucket_index.py.
 Exit code 2 with one message on bad input.
 """
 

@@ -8,7 +8,13 @@ Layout of a cache directory:
                                  and, when built with a structure signal, "<sample id>/structure" (the
                                  controller's input: uint8 levels (1, T, H, W) at pixel resolution)
     shard_000000.parquet         the shard's index rows; written last, so its presence marks the shard done
-    index.parquet                all rows (written once every shard is done; readers fall back to the shards)
+    index_keys.npy, index_shards.npy, index_rows.npy
+                                 per metadata sample id: shape key (-1: not cached), shard, row of index.parquet
+                                 (memory-mapped by readers: no per-sample array in private memory)
+    index_rowgroups.npy/.json    where index.parquet's row groups lie in its footer (captions are read by row
+                                 group without decoding the whole footer)
+    index.parquet                all rows (written once every shard is done, after the arrays; readers fall
+                                 back to the shards)
 
 Shard s holds the planned samples [s*shard_size, (s+1)*shard_size) in id order, independent of the number of
 ranks; rank r builds shards r::world_size, so a resumed or re-sized job redoes only unfinished shards.
@@ -54,6 +60,9 @@ def read_index(cache_dir: str | os.PathLike) -> dict[str, np.ndarray | list]:
 
 
 NUMERIC_INDEX_COLUMNS = ("sample_id", "ok", "t", "h", "w", "shard")
+INDEX_ARRAYS = {"index_keys": (np.int64, -1), "index_shards": (np.int32, -1), "index_rows": (np.int64, -1)}
+INDEX_ROW_GROUP = 8192  # rows per row group of index.parquet
+INDEX_LAYOUT = "index_rowgroups"  # .npy + .json: where index.parquet's row groups lie in its footer
 
 
 class IndexCaptions:
@@ -69,7 +78,7 @@ class IndexCaptions:
 
         from megatron_video.data.metadata_parquet import RowGroupCache
 
-        self._files = [RowGroupCache(pq.ParquetFile(p), self._size) for p in self.paths]
+        self._files = [RowGroupCache(_index_file(p) or pq.ParquetFile(p), self._size) for p in self.paths]
         self.starts = np.cumsum([0] + [int(f.starts[-1]) for f in self._files])
 
     def __getstate__(self) -> dict[str, Any]:
@@ -93,6 +102,23 @@ class IndexCaptions:
         return self._files[f].get(rg, ("captions",)).column("captions")[j].as_py()
 
 
+def _index_file(path: Path) -> Any:
+    """index.parquet read through its footer layout (written by merge_index: the footer, which grows with the
+    row groups, is never decoded whole); None for shard files and caches merged before the layout existed."""
+    from megatron_video.data.parquet_footer import FooterError, FooterLayout, RowGroupFile
+
+    head, rows = path.with_name(f"{INDEX_LAYOUT}.json"), path.with_name(f"{INDEX_LAYOUT}.npy")
+    if path.name != "index.parquet" or not head.exists():
+        return None
+    try:
+        foot, arr = json.loads(head.read_text()), np.load(rows, mmap_mode="r")
+        layout = FooterLayout(foot["offset"], foot["length"], foot["head_length"], arr[0], arr[1], str(rows))
+        return RowGroupFile(path, layout)
+    except (OSError, ValueError, KeyError, IndexError, FooterError) as exc:
+        raise ValueError(f"{rows}: unreadable or stale footer layout of {path} ({exc}); re-run "
+                         "tools/cache_features.py on the cache to re-merge its index") from exc
+
+
 def index_files(cache_dir: str | os.PathLike) -> list[Path]:
     """index.parquet, else every finished shard's index file."""
     out = Path(cache_dir)
@@ -102,6 +128,32 @@ def index_files(cache_dir: str | os.PathLike) -> list[Path]:
     if not parts:
         raise FileNotFoundError(f"{out}: no feature cache index (no shard_*.parquet / index.parquet)")
     return parts
+
+
+def open_index_arrays(cache_dir: str | os.PathLike, n: int) -> tuple[np.ndarray, ...] | None:
+    """A merged index's per-sample arrays (`INDEX_ARRAYS`) as memory maps; None without a merged index.parquet,
+    or (with a warning) for a cache merged before they were written. A damaged array: ValueError naming it."""
+    out_dir = Path(cache_dir)
+    if not (out_dir / "index.parquet").exists():
+        return None
+    paths = [out_dir / f"{name}.npy" for name in INDEX_ARRAYS]
+    if not any(p.exists() for p in paths):
+        logger.warning("feature cache %s: merged without per-sample arrays (an older cache): 20 bytes a sample "
+                       "are held in memory; re-run tools/cache_features.py on it (every shard is done, so it "
+                       "only re-merges the index) to memory-map them", out_dir)
+        return None
+    out = []
+    for path, (dtype, _) in zip(paths, INDEX_ARRAYS.values()):
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: unreadable or truncated feature cache array ({exc}); re-run "
+                             "tools/cache_features.py on the cache to re-merge its index") from exc
+        if arr.shape != (n,) or arr.dtype != dtype:
+            raise ValueError(f"{path}: holds {arr.dtype}{list(arr.shape)}, expected {np.dtype(dtype)}[{n}]; "
+                             "re-run tools/cache_features.py on the cache to re-merge its index")
+        out.append(arr)
+    return tuple(out)
 
 
 def hash_seed(*values: int) -> int:
@@ -129,29 +181,46 @@ class FeatureCacheDataset(Dataset):
         if self.meta.get("version") != CACHE_VERSION:
             raise ValueError(f"{self.dir}: cache version {self.meta.get('version')} != {CACHE_VERSION}")
         self._captions = IndexCaptions(index_files(self.dir))
-        idx = self._captions.numeric_columns()
-        ok = np.asarray(idx["ok"], bool)
         n = int(self.meta["num_samples"])
-        self.shape_keys = np.full(n, -1, np.int64)
-        sids = np.asarray(idx["sample_id"], np.int64)[ok]
-        self.shape_keys[sids] = encode_key(np.asarray(idx["t"])[ok], np.asarray(idx["h"])[ok],
-                                           np.asarray(idx["w"])[ok])
-        self._shard = np.full(n, -1, np.int32)
-        self._shard[sids] = np.asarray(idx["shard"])[ok]
-        self._row = np.full(n, -1, np.int64)  # the sample's row in the index (its captions: read on demand)
-        self._row[sids] = np.flatnonzero(ok)
+        mapped = open_index_arrays(self.dir, n)
+        if mapped is not None:  # a merged index: per-sample arrays memory-mapped (page cache, shared by ranks)
+            self.shape_keys, self._shard, self._row = mapped
+        else:  # shards only (a cache still being built), or merged before the arrays existed: in memory
+            idx = self._captions.numeric_columns()
+            ok = np.asarray(idx["ok"], bool)
+            self.shape_keys = np.full(n, -1, np.int64)
+            sids = np.asarray(idx["sample_id"], np.int64)[ok]
+            self.shape_keys[sids] = encode_key(np.asarray(idx["t"])[ok], np.asarray(idx["h"])[ok],
+                                               np.asarray(idx["w"])[ok])
+            self._shard = np.full(n, -1, np.int32)
+            self._shard[sids] = np.asarray(idx["shard"])[ok]
+            self._row = np.full(n, -1, np.int64)  # the sample's row in the index (its captions: read on demand)
+            self._row[sids] = np.flatnonzero(ok)
         self._handles: OrderedDict[int, Any] = OrderedDict()
         self._max_open = max_open_shards
         self._empty: dict[str, torch.Tensor] | None = None
         self.bad_samples = BadSampleTracker(config.max_bad_samples, n)
         self.buckets = ShapeBuckets(self.shape_keys)
         self.epoch = 0
-        logger.info("feature cache %s: %d of %d samples cached", self.dir, int(ok.sum()), n)
+        logger.info("feature cache %s: %d index rows for %d samples (%s)", self.dir, int(self._captions.starts[-1]), n,
+                    "memory-mapped" if mapped is not None else "in memory")
 
     def __getstate__(self) -> dict[str, Any]:  # open safetensors handles stay in their process
         state = dict(self.__dict__)
         state["_handles"] = OrderedDict()
+        for name in ("shape_keys", "_shard", "_row"):  # a spawned worker maps the same file, no copy
+            if isinstance(state[name], np.memmap):
+                state[name] = ("memmap", state[name].filename)
+                state["buckets"] = None  # holds the keys too: rebuilt over the map
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name in ("shape_keys", "_shard", "_row"):
+            if isinstance(state[name], tuple):
+                state[name] = np.load(state[name][1], mmap_mode="r")
+        self.__dict__.update(state)
+        if self.buckets is None:
+            self.buckets = ShapeBuckets(self.shape_keys)
 
     def __len__(self) -> int:
         return len(self.shape_keys)

@@ -18,13 +18,20 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from megatron_video.data.cache import CACHE_VERSION, shard_name
+from megatron_video.data.cache import (
+    CACHE_VERSION,
+    INDEX_ARRAYS,
+    INDEX_LAYOUT,
+    INDEX_ROW_GROUP,
+    NUMERIC_INDEX_COLUMNS,
+    shard_name,
+)
 from megatron_video.data.captions import caption_variants
 from megatron_video.data.dataset import VideoDataset
 from megatron_video.data.decode import DecodeError
 from megatron_video.data.encoders import LATENT_KINDS
 from megatron_video.data.metadata import MetadataError
-from megatron_video.data.shapes import decode_key
+from megatron_video.data.shapes import decode_key, encode_key
 from megatron_video.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -203,8 +210,8 @@ def _write_rows(rows: list[dict[str, Any]], path: str) -> None:
 
 
 def merge_index(cache_dir: str | os.PathLike) -> bool:
-    """Write index.parquet when every shard is done; returns whether it did."""
-    import pyarrow as pa
+    """Write index.parquet (and, before it, the per-sample arrays the reader memory-maps: `INDEX_ARRAYS`) when
+    every shard is done, streamed shard by shard; returns whether it did."""
     import pyarrow.parquet as pq
 
     out = Path(cache_dir)
@@ -212,9 +219,65 @@ def merge_index(cache_dir: str | os.PathLike) -> bool:
     parts = [out / f"{shard_name(s)}.parquet" for s in range(meta["num_shards"])]
     if not parts or not all(p.exists() for p in parts):
         return False
-    table = pa.concat_tables([pq.read_table(p) for p in parts])
-    _write_atomic(out / "index.parquet", lambda p: pq.write_table(table, p))
+    _write_index_arrays(out, parts, int(meta["num_samples"]))
+
+    def write(path: str) -> None:  # row groups of INDEX_ROW_GROUP rows (a caption read costs one of them)
+        import pyarrow as pa
+
+        group = INDEX_ROW_GROUP
+        with pq.ParquetWriter(path, pq.read_schema(parts[0])) as writer:
+            buf, rows = [], 0
+            for p in parts:
+                buf.append(pq.read_table(p))
+                rows += buf[-1].num_rows
+                if rows >= group:
+                    table, full = pa.concat_tables(buf), rows // group * group
+                    writer.write_table(table.slice(0, full), row_group_size=group)
+                    buf, rows = [table.slice(full)], rows - full
+            if rows:
+                writer.write_table(pa.concat_tables(buf), row_group_size=group)
+
+    tmp = out / "index.parquet.tmp"
+    write(str(tmp))
+    _write_footer_layout(out, tmp)
+    os.replace(tmp, out / "index.parquet")  # last: its presence marks the index (arrays, layout) complete
     return True
+
+
+def _write_footer_layout(out: Path, index: Path) -> None:
+    """Where each row group of index.parquet lies in its footer (read_row_group without decoding the whole
+    footer: `parquet_footer`), as INDEX_LAYOUT .npy [bounds; starts] + .json (footer position)."""
+    from megatron_video.data.parquet_footer import footer_layout
+
+    layout = footer_layout(index)
+    np.save(out / f"{INDEX_LAYOUT}.tmp.npy", np.stack([layout.bounds, layout.starts]))
+    os.replace(out / f"{INDEX_LAYOUT}.tmp.npy", out / f"{INDEX_LAYOUT}.npy")
+    _write_atomic(out / f"{INDEX_LAYOUT}.json", lambda p: Path(p).write_text(json.dumps(
+        {"offset": layout.footer_offset, "length": layout.footer_length, "head_length": layout.head_length})))
+
+
+def _write_index_arrays(out: Path, parts: list[Path], num_samples: int) -> None:
+    """Per metadata sample id: shape key (-1: not cached), shard and row of index.parquet, as .npy files."""
+    import pyarrow.parquet as pq
+
+    arrays = {}
+    for name, (dtype, fill) in INDEX_ARRAYS.items():
+        arrays[name] = np.lib.format.open_memmap(out / f"{name}.tmp.npy", "w+", dtype, (num_samples,))
+        arrays[name][:] = fill
+    row = 0
+    for p in parts:
+        t = pq.read_table(p, columns=list(NUMERIC_INDEX_COLUMNS))
+        c = {k: t.column(k).to_numpy(zero_copy_only=False) for k in NUMERIC_INDEX_COLUMNS}
+        ok = c["ok"].astype(bool)
+        sids = c["sample_id"][ok]
+        arrays["index_keys"][sids] = encode_key(c["t"][ok], c["h"][ok], c["w"][ok])
+        arrays["index_shards"][sids] = c["shard"][ok]
+        arrays["index_rows"][sids] = row + np.flatnonzero(ok)
+        row += t.num_rows
+    for name, arr in arrays.items():
+        arr.flush()
+        os.replace(out / f"{name}.tmp.npy", out / f"{name}.npy")
+    arrays.clear()
 
 
 def stub_encoders(latent_channels: int = 4, factors: Sequence[int] = (8, 8, 8), text_dim: int = 16,

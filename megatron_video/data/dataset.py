@@ -176,12 +176,13 @@ class VideoDataset(Dataset):
 
         if len(config.metadata_paths) != 1 or not config.metadata_paths[0].endswith(".parquet"):
             raise ValueError(f"a planned bucket index needs one Parquet metadata file, got {config.metadata_paths}")
+        from megatron_video.data.metadata_parquet import ParquetSource
+
         path = config.metadata_paths[0]
-        index = open_bucket_index(path, config.shape)
-        metadata = load_metadata(path, config.data_root, on_demand=True)
-        if len(metadata) != index[0].num_rows:
-            raise MetadataError(f"{path}: {len(metadata)} rows, its bucket index {index[0].num_rows}")
-        return cls(metadata, config, index=index)
+        members, codes, layout = open_bucket_index(path, config.shape)
+        # the row groups are read through the index's footer layout: the footer is never decoded whole
+        metadata = Metadata([ParquetSource(path, config.data_root, load_columns=False, layout=layout)])
+        return cls(metadata, config, index=(members, codes))
 
     @property
     def shape_keys(self) -> np.ndarray:

@@ -27,15 +27,21 @@ from megatron_video.data.metadata import (
     parse_captions,
     validate_columns,
 )
+from megatron_video.data.parquet_footer import FooterError, FooterLayout, RowGroupFile
 
 
 class RowGroupCache:
     """Some columns of a Parquet file read one row group at a time, the last `size` kept (LRU), so a random
-    row costs one row group's read and memory never holds the whole file."""
+    row costs one row group's read and memory never holds the whole file. `file`: a `pyarrow.parquet.ParquetFile`
+    or a `RowGroupFile` (whose row-group starts may be memory-mapped: nothing per row group in private memory)."""
 
     def __init__(self, file: Any, size: int) -> None:
         self.file, self.size = file, size
-        self.starts = np.cumsum([0] + [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)])
+        if isinstance(file, RowGroupFile):
+            self.starts = file.layout.starts
+        else:
+            md = file.metadata
+            self.starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
         self._tables: OrderedDict[tuple[int, tuple[str, ...]], Any] = OrderedDict()
 
     def locate(self, row: int) -> tuple[int, int]:
@@ -58,17 +64,16 @@ class RowGroupCache:
 
 class ParquetSource:
     """A Parquet metadata file: numeric columns read eagerly (`load_columns`) or not at all at start-up; the
-    rest one row group at a time (LRU of `cache_row_groups`)."""
+    rest one row group at a time (LRU of `cache_row_groups`). With a `layout` (a planned bucket index's
+    `FooterLayout`) the footer is never decoded whole: each row group is read through its own slice of it."""
 
-    def __init__(self, path: str, root: str, cache_row_groups: int = 4, load_columns: bool = True) -> None:
-        import pyarrow.parquet as pq
-
-        self.name, self.root, self._path = path, root, path
-        try:
-            self._file = pq.ParquetFile(path)
-        except OSError as e:
-            raise MetadataError(f"{path}: cannot read Parquet metadata: {e}") from e
-        names = set(self._file.schema_arrow.names)
+    def __init__(self, path: str, root: str, cache_row_groups: int = 4, load_columns: bool = True,
+                 layout: FooterLayout | None = None) -> None:
+        if layout is not None and load_columns:
+            raise ValueError("a footer layout serves on-demand reads (load_columns=False) only")
+        self.name, self.root, self._path, self._layout = path, root, path, layout
+        self._file = self._open_file()
+        names = set(self._file.schema_names() if layout is not None else self._file.schema_arrow.names)
         missing = {"path", "cap", "height", "width"} - names
         if missing:
             raise MetadataError(f"{path}: missing required column(s) {sorted(missing)}")
@@ -84,11 +89,19 @@ class ParquetSource:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._file = self._open_file()
+        self._rows = RowGroupCache(self._file, self._cache_size)
+
+    def _open_file(self) -> Any:
         import pyarrow.parquet as pq
 
-        self.__dict__.update(state)
-        self._file = pq.ParquetFile(self._path)
-        self._rows = RowGroupCache(self._file, self._cache_size)
+        try:
+            if self._layout is not None:
+                return RowGroupFile(self._path, self._layout)
+            return pq.ParquetFile(self._path)
+        except (OSError, FooterError) as e:
+            raise MetadataError(f"{self._path}: cannot read Parquet metadata: {e}") from e
 
     def _columns(self) -> ShapeColumns:
         cols = self.read_columns()
@@ -108,19 +121,26 @@ class ParquetSource:
     def read_columns(self, row_groups: list[int] | None = None, first_row: int = 0) -> ShapeColumns:
         """Numeric columns of `row_groups` (default all) streamed in batches into preallocated arrays (peak ~
         final arrays + 1 batch); not validated. `first_row`: the file row of the first one (for messages)."""
-        md = self._file.metadata
-        row_groups = list(range(md.num_row_groups)) if row_groups is None else row_groups
-        n = sum(md.row_group(rg).num_rows for rg in row_groups)
+        starts = self._rg_starts
+        row_groups = list(range(len(starts) - 1)) if row_groups is None else row_groups
+        n = sum(int(starts[rg + 1] - starts[rg]) for rg in row_groups)
         out = ShapeColumns(np.zeros(n, bool), *(np.full(n, -1, np.int32) for _ in range(3)), np.zeros(n, np.float64),
                            np.full(n, -1, np.int32), np.full(n, -1, np.int32), np.full((n, 4), -1, np.int32))
         lo = 0
         for groups in self._row_group_chunks(1 << 20, row_groups):
-            batch = self._file.read_row_groups(groups, columns=self._numeric_names(), use_threads=True)
+            batch = self._read_row_groups(groups, self._numeric_names())
             part = self._batch_columns(batch, first_row + lo)
             for dst, src in zip(out, part):
                 dst[lo:lo + len(src)] = src
             lo += batch.num_rows
         return out
+
+    def _read_row_groups(self, groups: list[int], columns: list[str]) -> Any:
+        if isinstance(self._file, RowGroupFile):  # one footer slice per row group
+            import pyarrow as pa
+
+            return pa.concat_tables([self._file.read_row_group(rg, columns) for rg in groups])
+        return self._file.read_row_groups(groups, columns=columns, use_threads=True)
 
     def _batch_columns(self, batch: Any, first_row: int) -> ShapeColumns:
         """The numeric columns of a table read from this file (absent optional values as -1 / 0.0)."""
@@ -172,7 +192,7 @@ class ParquetSource:
                 chunks.append([])
                 count = 0
             chunks[-1].append(rg)
-            count += self._file.metadata.row_group(rg).num_rows
+            count += int(self._rg_starts[rg + 1] - self._rg_starts[rg])
         return [c for c in chunks if c]
 
     def _row_group(self, rg: int) -> tuple[Any, ShapeColumns | None]:

@@ -132,6 +132,20 @@ def check_metadata(data_config: Any) -> None:
     cache = data_config.cache_path
     if cache is not None and not Path(cache).is_dir():
         raise PreflightError(f"--data-config: cache_path is not a directory: {cache}")
+    if cache is not None and (Path(cache) / "meta.json").is_file():
+        check_cache_index(cache)
+
+
+def check_cache_index(cache: str) -> None:
+    """A merged feature cache's memory-mapped per-sample arrays are whole."""
+    import json
+
+    from megatron_video.data.cache import open_index_arrays
+
+    try:
+        open_index_arrays(cache, int(json.loads((Path(cache) / "meta.json").read_text())["num_samples"]))
+    except (ValueError, KeyError) as exc:
+        raise PreflightError(f"--data-config: {exc}") from exc
 
 
 def check_bucket_index(path: str, shape: Any) -> None:

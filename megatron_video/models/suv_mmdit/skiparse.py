@@ -162,18 +162,22 @@ def joint_attention_in_order(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`joint_attention` on a video stream already in its stage order (padded to N_p, see the module docstring):
     no padding and no rearrangement here, the sub-sequences are views that the [video ; text] concatenation
-    copies once. video_valid: (k * B, N_p / k) in this block's sub-sequence layout (`stage_layout_valid`),
-    text_valid (B, L); both None when every key is valid (the kernel then runs without a mask). Returns the
-    video output in the stage order (N_p rows) and the text output (k-copy mean) or None."""
+    copies once. q/k/v are (S, B, heads, head_dim). video_valid: (k * B, N_p / k) in this block's sub-sequence
+    layout (`stage_layout_valid`), text_valid (B, L); both None when every key is valid (the kernel then runs
+    without a mask). Returns the video output in the stage order (N_p rows) and the text output (k-copy mean)
+    or None."""
     n_p, b = q_video.shape[0], q_video.shape[1]
     g, text_len = n_p // k, k_text.shape[0]
 
     def joint(video: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+        """(S, k * B, heads, d) sequence-first, written by one copy batch-major, (k * B, heads, S, d) in memory:
+        the kernels' own layout (on CPU, SDPA runs the many short sub-sequences markedly faster from it)."""
         parts = [subsequences(video, k, mode)]
         if text is not None:  # every sub-sequence gets the full text: batch index r * B + b
             parts.append(text[:, None].expand(text.shape[0], k, *text.shape[1:]))
-        joined = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-        return joined.reshape(joined.shape[0], k * b, *joined.shape[3:])
+        parts = [part.permute(1, 2, 3, 0, 4) for part in parts]  # (k, B, heads, S_part, d)
+        joined = torch.cat(parts, dim=3) if len(parts) > 1 else parts[0].contiguous()
+        return joined.permute(3, 0, 1, 2, 4).reshape(joined.shape[3], k * b, joined.shape[2], joined.shape[4])
 
     key_valid = None
     if video_valid is not None or text_valid is not None:

@@ -268,7 +268,8 @@ class SUVBlock(nn.Module):
                 ) -> tuple[Tensor, Tensor]:
         """x (N, B, H) video and c (L, B, H) text streams (sequence shards under SP); temb (B, E) fp32; RoPE
         (N, head_dim); key validity (B, N) and (B, L); the paired encoder output if this block starts a
-        decoder stage."""
+        decoder stage. In the stage order (stage_order.py) x, x_skip and RoPE hold the stage's N_p rows in its
+        token order and the video validity is (k B, N_p / k) in this block's sub-sequence layout."""
         if self.context_parallel is not None:  # CP: streams into this block's layout, RoPE of its tokens
             x, c, (rope_cos, rope_sin) = self.context_parallel.block_input(
                 self.long_skip, x, c, x_skip, c_skip, (rope_cos, rope_sin))

@@ -1,8 +1,12 @@
 """Skiparse speed, side by side in one run:
 
-1. joint skiparse attention (video + text) for k = 2, 4, 8 against dense attention (k = 1), forward + backward;
+1. joint skiparse attention (video + text) for k = 2, 4, 8 against dense attention (k = 1), forward + backward:
+   as one call on the natural-order sequence that pads and rearranges q/k/v and the output itself
+   (`joint_attention`, what a block does under CP or Megatron-SP), and "in stage order", as the model runs it
+   otherwise (`joint_attention_in_order` on q/k/v already in the stage's token order, key validity moved once
+   outside the timed call: models/suv_mmdit/stage_order.py);
 2. the SUV block stack (sparsity per stage, e.g. 1,2,4,8,4,2,1) against the same model with k = 1 everywhere,
-   forward + backward.
+   forward + backward, with the stream in stage order (the default) and with the per-block rearrangement.
 
 Runs interleave the variants and report medians. Example (CPU):
     PYTHONPATH=. python bench/bench_suv.py --grid 4 32 32 --heads 2 --head-dim 64 --reps 3 --threads 1
@@ -40,7 +44,8 @@ def _interleaved(runs: dict[str, Callable[[], None]], reps: int) -> dict[str, tu
 
 def bench_attention(n: int, text_len: int, heads: int, head_dim: int, reps: int) -> dict[str, tuple[float, float]]:
     from megatron_video.models.attention import attention
-    from megatron_video.models.suv_mmdit.skiparse import joint_attention
+    from megatron_video.models.suv_mmdit.skiparse import joint_attention, joint_attention_in_order
+    from megatron_video.models.suv_mmdit.stage_order import StageOrder, StageOrders, move
 
     g = torch.Generator().manual_seed(0)
     video = [torch.randn(n, 1, heads, head_dim, generator=g, requires_grad=True) for _ in range(3)]
@@ -54,20 +59,33 @@ def bench_attention(n: int, text_len: int, heads: int, head_dim: int, reps: int)
             (out.sum() + out_text.sum()).backward()
         return fn
 
+    def run_in_order(k: int, mode: str) -> Callable[[], None]:
+        orders = StageOrders(1, (torch.zeros(n, 1), torch.zeros(n, 1)), video_valid, text_valid)
+        order = StageOrder(k, n)
+        moved = [move(t.detach(), orders.natural, order).requires_grad_() for t in video]
+        key_valid = orders.key_validity(order, mode)
+
+        def fn() -> None:
+            out, out_text = joint_attention_in_order(*moved, *text, key_valid, text_valid, k=k, mode=mode,
+                                                     scale=head_dim ** -0.5, attn_fn=attention)
+            (out.sum() + out_text.sum()).backward()
+        return fn
+
     runs = {"dense (k=1)": run(1, "full")}
     for k in (2, 4, 8):
-        runs[f"k={k} single"] = run(k, "single")
-        runs[f"k={k} group"] = run(k, "group")
+        for mode in ("single", "group"):
+            runs[f"k={k} {mode}"] = run(k, mode)
+            runs[f"k={k} {mode}, in stage order"] = run_in_order(k, mode)
     return _interleaved(runs, reps)
 
 
 def bench_stack(grid: tuple[int, int, int], text_len: int, heads: int, head_dim: int, sparse_n: tuple[int, ...],
-                reps: int) -> dict[str, tuple[float, float]]:
+                layers: int, reps: int) -> dict[str, tuple[float, float]]:
     from megatron_video.models.suv_mmdit import SUVMMDiT, suv_config
     from megatron_video.models.suv_mmdit.config import megatron_config
 
     t, h, w = grid
-    cfg = suv_config("small", num_layers=tuple(1 for _ in sparse_n), sparse_n=sparse_n, num_heads=heads,
+    cfg = suv_config("small", num_layers=tuple(layers for _ in sparse_n), sparse_n=sparse_n, num_heads=heads,
                      head_dim=head_dim)
     dense_cfg = cfg.replace(sparse_n=tuple(1 for _ in sparse_n))
     g = torch.Generator().manual_seed(0)
@@ -80,8 +98,9 @@ def bench_stack(grid: tuple[int, int, int], text_len: int, heads: int, head_dim:
         "encoder_attention_mask": torch.ones(1, 1, text_len),
     }
 
-    def run(c) -> Callable[[], None]:
+    def run(c, stage_order: bool = True) -> Callable[[], None]:
         model = SUVMMDiT(c, megatron_config(c, params_dtype=torch.float32, use_cpu_initialization=True))
+        model.use_stage_order(stage_order)
 
         def fn() -> None:
             model.zero_grad(set_to_none=True)
@@ -89,7 +108,8 @@ def bench_stack(grid: tuple[int, int, int], text_len: int, heads: int, head_dim:
         return fn
 
     label = ",".join(map(str, sparse_n))
-    return _interleaved({f"SUV k=[{label}]": run(cfg), "same, k=1 everywhere": run(dense_cfg)}, reps)
+    return _interleaved({f"SUV k=[{label}]": run(cfg), f"SUV k=[{label}], per-block": run(cfg, False),
+                         "same, k=1 everywhere": run(dense_cfg)}, reps)
 
 
 def main() -> None:
@@ -100,6 +120,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--sparse-n", type=int, nargs="+", default=(1, 2, 4, 8, 4, 2, 1))
+    parser.add_argument("--layers-per-stage", type=int, default=1,
+                        help="blocks per stage of the stack (>= 2: stages alternate single / group skip)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
@@ -121,16 +143,17 @@ def main() -> None:
     attn_times = bench_attention(n, args.text_len, args.heads, args.head_dim, args.reps)
     _table("skiparse joint attention vs dense", attn_times, "dense (k=1)")
     stack_times = bench_stack(tuple(args.grid), args.text_len, args.heads, args.head_dim, tuple(args.sparse_n),
-                              args.reps)
-    _table("block stack (one block per stage) vs k=1 everywhere", stack_times, "same, k=1 everywhere")
+                              args.layers_per_stage, args.reps)
+    _table(f"block stack ({args.layers_per_stage} block(s) per stage) vs k=1 everywhere", stack_times,
+           "same, k=1 everywhere")
 
 
 def _table(title: str, times: dict[str, tuple[float, float]], reference: str) -> None:
     ref_wall, ref_cpu = times[reference]
     print(f"\n## {title}")
-    print(f"{'variant':<32} {'wall ms':>10} {'rel.':>7} {'cpu ms':>10} {'rel.':>7}")
+    print(f"{'variant':<40} {'wall ms':>10} {'rel.':>7} {'cpu ms':>10} {'rel.':>7}")
     for name, (wall, cpu) in times.items():
-        print(f"{name:<32} {wall * 1e3:>10.1f} {wall / ref_wall:>7.3f} {cpu * 1e3:>10.1f} {cpu / ref_cpu:>7.3f}")
+        print(f"{name:<40} {wall * 1e3:>10.1f} {wall / ref_wall:>7.3f} {cpu * 1e3:>10.1f} {cpu / ref_cpu:>7.3f}")
 
 
 if __name__ == "__main__":

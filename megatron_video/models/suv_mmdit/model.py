@@ -49,7 +49,13 @@ from megatron_video.models.suv_mmdit.pipeline import (
     whole_model,
 )
 from megatron_video.models.suv_mmdit.rope import rope_cos_sin
-from megatron_video.models.suv_mmdit.skiparse import joint_attention, pad_sequence, valid_or_all
+from megatron_video.models.suv_mmdit.skiparse import (
+    joint_attention,
+    joint_attention_in_order,
+    pad_sequence,
+    valid_or_all,
+)
+from megatron_video.models.suv_mmdit.stage_order import StageOrders, move
 
 # ---------------------------------------------------------------------------------------------- embeddings
 
@@ -265,7 +271,8 @@ class SUVBlock(nn.Module):
                 ) -> tuple[Tensor, Tensor]:
         """x (N, B, H) video and c (L, B, H) text streams (sequence shards under SP); temb (B, E) fp32; RoPE
         (N, head_dim); key validity (B, N) and (B, L); the paired encoder output if this block starts a
-        decoder stage."""
+        decoder stage. In the stage order (stage_order.py) x, x_skip and RoPE hold the stage's N_p rows in its
+        token order and the video validity is (k B, N_p / k) in this block's sub-sequence layout."""
         if self.context_parallel is not None:  # CP: streams into this block's layout, RoPE of its tokens
             x, c, (rope_cos, rope_sin) = self.context_parallel.block_input(
                 self.long_skip, x, c, x_skip, c_skip, (rope_cos, rope_sin))
@@ -396,6 +403,19 @@ class SUVMMDiT(nn.Module):
             self.final = FinalLayer(cfg, config)
         self.recompute_blocks = self._configure_recompute(config)
         self.context_parallel = attach_context_parallel(cfg, config, self.blocks)  # None unless CP > 1
+        self.stage_order = False
+        self.use_stage_order(self.context_parallel is None and not sequence_parallel_on(config))
+
+    def use_stage_order(self, enabled: bool) -> None:
+        """Keep the video stream in each skiparse stage's token order between blocks (stage_order.py), or
+        rearrange it inside every block's attention (the only way under CP or Megatron-SP; benchmarks and tests
+        compare the two)."""
+        if enabled and (self.context_parallel is not None or sequence_parallel_on(self.config)):
+            raise ValueError("the stage order needs the whole video sequence on a rank: no CP, no Megatron-SP")
+        if self.context_parallel is None:
+            for block in self.blocks:
+                block.attn.layout_fn = joint_attention_in_order if enabled else joint_attention
+        self.stage_order = enabled
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor | None] | None) -> None:
         """megatron-core's schedules hand over the received carry (None on the first stage) before forward."""
@@ -521,17 +541,37 @@ class SUVMMDiT(nn.Module):
         stage S-1-s), empty on the first stage; returns the streams and the stack left for later stages.
         With a `control`, X_j = X_j + F_j after every block (F_j from the controller's `features`)."""
         skips = list(skips)
+        # stage order: x (and each pending skip) in the token order of the block that produced it, natural at
+        # both ends; otherwise everything stays natural (or in its CP layout) and `orders` is None
+        orders = StageOrders(temb.shape[0], rope, video_valid, text_valid) if self.stage_order else None
+        order = skip_orders = None
+        if orders is not None:
+            order, skip_orders = orders.natural, [orders.natural] * len(skips)
         for block in self.blocks:
             x_skip, c_skip = skips.pop() if block.spec.skip_in is not None else (None, None)
-            args = (x, c, temb, *rope, video_valid, text_valid, x_skip, c_skip)
+            block_rope, block_valid, n_pad = rope, video_valid, rope[0].shape[0]
+            if orders is not None:
+                target = orders.of(block.spec)
+                x, order = move(x, order, target), target
+                if x_skip is not None:
+                    x_skip = move(x_skip, skip_orders.pop(), target)
+                block_rope, block_valid = orders.rope(order), orders.key_validity(order, block.spec.mode)
+                n_pad = order.n_pad
+            args = (x, c, temb, *block_rope, block_valid, text_valid, x_skip, c_skip)
             if block.spec.index in self.recompute_blocks and torch.is_grad_enabled():
                 x, c = checkpoint(block, False, *args)
             else:
                 x, c = block(*args)
-            if control is not None:
-                x = control.inject(block, x, features, rope[0].shape[0])
+            if control is not None:  # the controller pads natural rows to n_pad: a no-op on rows already in order
+                rows = orders.rows(features, order) if orders is not None else features
+                x = control.inject(block, x, rows, n_pad)
             if block.spec.skip_out:
                 skips.append((x, c))
+                if orders is not None:
+                    skip_orders.append(order)
+        if orders is not None:
+            x = move(x, order, orders.natural)
+            skips = [(move(s, o, orders.natural), s_text) for (s, s_text), o in zip(skips, skip_orders)]
         return x, c, skips
 
     def carry_layout(self, batch: int, latent_thw: tuple[int, int, int], text_len: int, num_skips: int,

@@ -12,6 +12,13 @@ invalid tokens are excluded as keys through a per-key validity vector, never thr
 
 The rearrangement and the attention call are separate functions so that a context-parallel layout can swap
 either one.
+
+Stage order (`joint_attention_in_order`, stage_order.py): inside a stage of sparsity k, the model keeps the video
+stream in one token order from which the sub-sequences of *both* patterns are strided views. With the padded
+token id j = n k^2 + m k + u (u, m < k), row p = m (N_p / k) + n k + u holds token j: group sub-sequence m is
+the contiguous block of rows m N_p/k ..., single sub-sequence u the rows p = u mod k. Inside a sub-sequence the
+token order differs from `to_skiparse` (single skip), which attention does not see: it is equivariant in its
+queries and invariant in its keys, and RoPE is applied with true positions before.
 """
 
 from __future__ import annotations
@@ -125,7 +132,66 @@ def joint_attention(
     return out_video, out_text
 
 
+def subsequences(x: torch.Tensor, k: int, mode: AttentionMode) -> torch.Tensor:
+    """Stage-ordered (N_p, B, *rest) -> (N_p / k, k, B, *rest), sub-sequence r at [:, r]; a view of a contiguous
+    stream (k = 1: the one sub-sequence)."""
+    n, rest = x.shape[0], x.shape[1:]
+    if mode == "group":
+        return x.reshape(k, n // k, *rest).transpose(0, 1)
+    return x.reshape(n // k, k, *rest)
+
+
+def from_subsequences(x: torch.Tensor, mode: AttentionMode) -> torch.Tensor:
+    """Inverse of `subsequences`: (N_p / k, k, B, *rest) -> stage-ordered (N_p, B, *rest) (one copy at most)."""
+    if mode == "group":
+        x = x.transpose(0, 1)
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def stage_layout_valid(video_valid: torch.Tensor, k: int, mode: AttentionMode) -> torch.Tensor:
+    """Key validity of a stage-ordered stream, (N_p, B) -> (k * B, N_p / k) in the sub-sequence layout."""
+    laid = subsequences(video_valid, k, mode)
+    return laid.reshape(laid.shape[0], -1).t()
+
+
+def joint_attention_in_order(
+    q_video: torch.Tensor, k_video: torch.Tensor, v_video: torch.Tensor,
+    q_text: torch.Tensor | None, k_text: torch.Tensor, v_text: torch.Tensor,
+    video_valid: torch.Tensor | None, text_valid: torch.Tensor | None,
+    *, k: int, mode: AttentionMode, scale: float, attn_fn: AttentionFn,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`joint_attention` on a video stream already in its stage order (padded to N_p, see the module docstring):
+    no padding and no rearrangement here, the sub-sequences are views that the [video ; text] concatenation
+    copies once. q/k/v are (S, B, heads, head_dim). video_valid: (k * B, N_p / k) in this block's sub-sequence
+    layout (`stage_layout_valid`), text_valid (B, L); both None when every key is valid (the kernel then runs
+    without a mask). Returns the video output in the stage order (N_p rows) and the text output (k-copy mean)
+    or None."""
+    n_p, b = q_video.shape[0], q_video.shape[1]
+    g, text_len = n_p // k, k_text.shape[0]
+
+    def joint(video: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+        """(S, k * B, heads, d) sequence-first, written by one copy batch-major, (k * B, heads, S, d) in memory:
+        the kernels' own layout (on CPU, SDPA runs the many short sub-sequences markedly faster from it)."""
+        parts = [subsequences(video, k, mode)]
+        if text is not None:  # every sub-sequence gets the full text: batch index r * B + b
+            parts.append(text[:, None].expand(text.shape[0], k, *text.shape[1:]))
+        parts = [part.permute(1, 2, 3, 0, 4) for part in parts]  # (k, B, heads, S_part, d)
+        joined = torch.cat(parts, dim=3) if len(parts) > 1 else parts[0].contiguous()
+        return joined.permute(3, 0, 1, 2, 4).reshape(joined.shape[3], k * b, joined.shape[2], joined.shape[4])
+
+    key_valid = None
+    if video_valid is not None or text_valid is not None:
+        video_valid = valid_or_all(video_valid, k * b, g, q_video.device)
+        text_valid = valid_or_all(text_valid, b, text_len, q_video.device).repeat(k, 1)
+        key_valid = torch.cat([video_valid, text_valid], dim=1)
+    out = attn_fn(joint(q_video, q_text), joint(k_video, k_text), joint(v_video, v_text), key_valid, scale=scale)
+    out_video = from_subsequences(out[:g].reshape(g, k, b, *out.shape[2:]), mode)
+    out_text = average_text(out[g:], k) if q_text is not None else None
+    return out_video, out_text
+
+
 __all__ = [
-    "AttentionFn", "average_text", "from_skiparse", "joint_attention", "pad_sequence", "padded_length",
-    "repeat_text", "skiparse_layout_valid", "to_skiparse", "valid_or_all",
+    "AttentionFn", "average_text", "from_skiparse", "from_subsequences", "joint_attention",
+    "joint_attention_in_order", "pad_sequence", "padded_length", "repeat_text", "skiparse_layout_valid",
+    "stage_layout_valid", "subsequences", "to_skiparse", "valid_or_all",
 ]

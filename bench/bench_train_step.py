@@ -5,7 +5,7 @@
 The stack step: megatron DDP + distributed optimizer + the clipping wrapper (constant 1.0) + EMA, megatron-core's
 forward-backward schedule and the rectified-flow objective (TP = PP = CP = DP = 1). The plain step: the same
 SUVMMDiT (same initial weights), torch AdamW, clip_grad_norm_, the same objective and noise. Prints the median
-step time of each and their ratio (goal: stack <= 1.15x plain).
+step time of each and their ratio (goal: stack <= 1.05x plain, issue 16; an earlier goal was 1.15x).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main() -> None:
           f"{opts.threads} threads, {opts.steps} steps after {opts.warmup} warm-up")
     print(f"stack step  (megatron DDP + dist. optimizer + clip + EMA)        : {stack * 1e3:8.1f} ms median")
     print(f"plain step  (torch AdamW + clip_grad_norm_):                         {plain * 1e3:8.1f} ms median")
-    print(f"ratio stack / plain: {stack / plain:.3f}  (goal <= 1.15)")
+    print(f"ratio stack / plain: {stack / plain:.3f}  (goal <= 1.05)")
     from megatron_video.training.host_sync import HostSyncCounter
 
     parts.model.zero_grad_buffer()

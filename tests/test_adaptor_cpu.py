@@ -51,6 +51,24 @@ def test_device_context_still_sees_the_factories():
     assert [t.device.type for t in made] == ["meta"] * 5
 
 
+def test_grad_norm_fallback_is_one_foreach_norm_with_the_same_value():
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads
+
+    from megatron_video.adaptor import cpu, setup_device
+
+    setup_device("cpu")
+    assert clip_grads.l2_norm_impl is cpu._foreach_l2_norm
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=gen) * scale
+             for shape, scale in [((64, 33), 1e-3), ((7,), 10.0), ((3, 5, 2), 1.0), ((1,), 1e-6)]]
+    ours, _ = cpu._foreach_l2_norm(2048, None, [grads], False)
+    theirs, _ = mcore_utils.local_multi_tensor_l2_norm(2048, None, [grads], False)
+    assert ours.shape == theirs.shape == (1,) and ours.dtype == torch.float32
+    assert torch.equal(ours, theirs)
+    assert float(ours) == pytest.approx(float(torch.cat([g.flatten() for g in grads]).norm()), rel=1e-6)
+
+
 def test_rng_tracker_fork_is_reproducible():
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 

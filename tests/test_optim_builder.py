@@ -43,6 +43,7 @@ def _build_run() -> dict:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_video.optim import build_optimizer
+    from megatron_video.optim.adaptive_optimizer import leaf_optimizers
     from megatron_video.parallel import initialize_parallel
     from tests.test_optim_helpers import HIDDEN, SEQ, backward, build_model, full_weights
 
@@ -53,6 +54,7 @@ def _build_run() -> dict:
                                                     weight_decay=0.3, clip_mode="constant", clip_grad=1e-3))
     names = {p: n for n, p in model.module.named_parameters()}
     out["wd"] = {names[p]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    out["foreach"] = {g["foreach"] for leaf in leaf_optimizers(opt.optimizer) for g in leaf.optimizer.param_groups}
     backward(model, torch.randn(SEQ, 2, HIDDEN), torch.randn(SEQ, 2, HIDDEN), 1.0)
     rec = opt.prepare_and_clip()
     out["constant"] = (rec.clipped, rec.threshold, float(opt.get_grad_norm()))
@@ -82,6 +84,7 @@ def test_build_weight_decay_groups_and_constant_clip():
     (res,) = run_distributed(_build_run, 1)
     # megatron's default grouping: no decay for biases and 1-D parameters
     assert res["wd"] == {"fc1.weight": 0.3, "fc2.weight": 0.3, "fc1.bias": 0.0, "fc2.bias": 0.0, "scale": 0.0}
+    assert res["foreach"] == {True}  # torch AdamW on host parameters: the multi-tensor path
     clipped, threshold, applied = res["constant"]
     assert clipped and threshold == 1e-3 and applied == pytest.approx(1e-3, rel=1e-5)
     assert "use_distributed_optimizer" in res["mismatch"]
@@ -122,3 +125,43 @@ def test_fp16_overflow_skips_without_touching_clip_statistics():
     assert overflow["unchanged"] and not first["unchanged"] and not last["unchanged"]
     assert overflow["clip"] == first["clip"]  # an fp16 overflow is not an extreme step
     assert last["clip"]["steps"] == 2 and last["clip"]["extreme_count"] == 0
+
+
+class _Leaf:
+    """The shape of a megatron optimizer to `leaf_optimizers`: the inner torch optimizer as `.optimizer`."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.optimizer = inner
+
+
+def _adamw_steps(foreach: bool | None, switch: bool) -> list[torch.Tensor]:
+    from megatron_video.optim.builder import use_foreach_on_host
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(16, 8), (8,), (3, 5, 7), (1,)]]
+    inner = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=foreach)
+    if switch:
+        use_foreach_on_host(_Leaf(inner))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        inner.step()
+    return [p.detach() for p in params]
+
+
+def test_host_optimizer_takes_the_foreach_path_with_identical_updates():
+    from megatron_video.optim.builder import use_foreach_on_host
+
+    params = [torch.nn.Parameter(torch.zeros(4))]
+    unset = torch.optim.AdamW(params)
+    assert unset.param_groups[0]["foreach"] is None  # torch's per-tensor loop on CPU
+    assert use_foreach_on_host(_Leaf(unset)) == 1 and unset.param_groups[0]["foreach"] is True
+    chosen = torch.optim.AdamW(params, foreach=False)  # an explicit choice is kept
+    assert use_foreach_on_host(_Leaf(chosen)) == 0 and chosen.param_groups[0]["foreach"] is False
+    # loading a state saved before the switch restores foreach=None; switching again is what resume does
+    unset.load_state_dict(torch.optim.AdamW(params).state_dict())
+    assert unset.param_groups[0]["foreach"] is None and use_foreach_on_host(_Leaf(unset)) == 1
+    # same arithmetic, one call per operation: bitwise the per-tensor loop's parameters
+    for a, b in zip(_adamw_steps(None, switch=True), _adamw_steps(False, switch=False)):
+        assert torch.equal(a, b)

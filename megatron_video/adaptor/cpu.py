@@ -6,7 +6,8 @@ project that touches torch or megatron-core internals (the same idea as Ascend's
 - tensor factories and `.cuda()` / `.to('cuda')` give CPU tensors; `torch.cuda.current_device()` is "cpu";
 - CUDA streams, events, synchronisation, NVTX ranges and cache control are no-ops;
 - the CUDA RNG (megatron's model-parallel RNG tracker) is the CPU RNG;
-- `Tensor.type()` reports `torch.cuda.*Tensor` to megatron's optimizer type checks.
+- `Tensor.type()` reports `torch.cuda.*Tensor` to megatron's optimizer type checks;
+- the gradient norm's L2 fallback (used without TransformerEngine and apex) runs as one multi-tensor norm.
 
 `prepare()` is idempotent and is only called for `--device cpu`.
 """
@@ -141,6 +142,16 @@ def _noop(name: str):
     return noop
 
 
+def _foreach_l2_norm(chunk_size: int, noop_flag: Any, tensor_lists: list[list[torch.Tensor]], per_tensor: bool,
+                     *args: Any) -> tuple[torch.Tensor, None]:
+    """megatron-core's `local_multi_tensor_l2_norm` contract (the L2 norm of all tensors of the first list, as a
+    one-element float32 tensor; no per-tensor norms), computed with `torch._foreach_norm` and no host reads. The
+    fallback builds a tensor from one Python float per parameter: hundreds of host reads per step on CPU. Same
+    per-tensor kernels and the same final reduction, so the same value (tests/test_adaptor_cpu.py)."""
+    norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+
 def prepare() -> None:
     global _PATCHED
     if _PATCHED:
@@ -192,6 +203,12 @@ def prepare() -> None:
     mp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     logging.getLogger(mp_random.__name__).addFilter(_DropCpuRngWarning())
+
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm:  # neither TE nor apex present
+        clip_grads.l2_norm_impl = _foreach_l2_norm
 
     _PATCHED = True
 

@@ -6,17 +6,17 @@ fp32) + distributed-optimizer state (fp32 main weights, Adam m and v: 12 B) shar
 an unsharded copy).
 
 Activations are counted tensor by tensor from what autograd saves in `models/suv_mmdit/model.py` with bf16
-streams (fp32 copies made by the fp32 norms, modulation and residual maths included). Per token of a stream
-and per block, in bytes (H hidden, F ffn, t = TP size, a = heads, sp = t under Megatron-SP):
+streams (the block's elementwise work runs in the stream dtype, `models/suv_mmdit/elementwise.py`). Per token
+of a stream and per block, in bytes (H hidden, F ffn, t = TP size, a = heads, sp = t under Megatron-SP):
 
-  sequence shard (/sp):  attention half: LayerNorm input fp32 4H + mean/rstd 8 + modulate fp32 4H +
-                         gated-residual branch fp32 4H;  FFN half: the same 12H + 8 plus fc1 input 2H
+  sequence shard (/sp):  attention half: LayerNorm input 2H + mean/rstd 8 + modulated input 2H +
+                         gated-residual branch 2H;  FFN half: the same 6H + 8 plus fc1 input 2H
   full sequence:         the gathered q/k/v input 2H (saved once, after the all-gather)
-  heads (/t):            q and k RMSNorm (fp32 input + normalised, 8H/t, rsqrt 4a/t each), the flattened
-                         attention output fed to the output projection 2H/t
+  heads (/t):            q and k RMSNorm (fp32 input + normalised, 8H/t, rsqrt 4a/t each: torch's RMSNorm
+                         keeps an fp32 copy), the flattened attention output fed to the output projection 2H/t
   attention kernel:      q, k, v, out 8H/t + logsumexp 4a/t, per token of the attention layout (skiparse
                          pads the video to k^2 and repeats the text k times)
-  FFN (/t):              fc1 output fp32 4F/t (GELU input) + GELU output 2F/t
+  FFN (/t):              fc1 output 2F/t (GELU input) + GELU output 2F/t
 
 Each modulation also keeps an fp32 copy of its weight (E x 6H / t). Selective recompute (the FFN half of
 every block, as the training fork) keeps only that half's bf16 inputs; full recompute keeps each block's
@@ -66,9 +66,9 @@ def _attention_half(cfg: SUVConfig, spec: BlockSpec, tok: Tokens) -> float:
     text_q = not spec.context_pre_only
     n, n_s = tok.full(tok.video), tok.shard(tok.video)
     n_text, n_text_s = tok.full(tok.text), tok.shard(tok.text)
-    out = (12 * h + 8) * (n_s + n_text_s)  # LayerNorm in/stats, modulate, (text residual below)
+    out = (6 * h + 8) * (n_s + n_text_s)  # LayerNorm in/stats, modulate, (text residual below)
     if not text_q:
-        out -= 4 * h * n_text_s  # the last block has no text residual
+        out -= 2 * h * n_text_s  # the last block has no text residual
     out += 2 * h * (n + n_text)  # gathered q/k/v inputs
     qk_norm = 2 * (8 * h / t + 4 * a / t)
     out += qk_norm * n + qk_norm / 2 * n_text * (2 if text_q else 1)
@@ -88,7 +88,7 @@ def _ffn_half(cfg: SUVConfig, spec: BlockSpec, tok: Tokens) -> float:
     h, f, t = cfg.hidden_size, cfg.ffn_hidden_size, tok.tp
     streams = tok.shard(tok.video) + (0 if spec.context_pre_only else tok.shard(tok.text))
     full = tok.full(tok.video) + (0 if spec.context_pre_only else tok.full(tok.text))
-    return (14 * h + 8) * streams + 6 * f / t * full
+    return (8 * h + 8) * streams + 4 * f / t * full
 
 
 def _modulation_copy(cfg: SUVConfig, tp: int) -> float:

@@ -336,3 +336,54 @@ def test_cache_tool_refuses_a_signal_without_its_model(setup: Path, tmp_path: Pa
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "cache").exists()  # refused before anything is written
+
+
+def _tiny_dpt(path: Path) -> Path:
+    """A random-weight DPT (MiDaS v3's architecture in transformers), saved as a local directory."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
+                       image_size=32, patch_size=8, neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=16,
+                       backbone_out_indices=[0, 1, 2, 3], head_in_index=-1)
+    torch.manual_seed(0)
+    DPTForDepthEstimation(config).save_pretrained(path)
+    return path
+
+
+def _tiny_sketch(path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    from tests.test_control_signals import _TinySketch
+
+    torch.manual_seed(0)
+    save_file(_TinySketch().state_dict(), str(path))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["depth", "sketch"])
+def test_depth_and_sketch_controllers_train_end_to_end(setup: Path, tmp_path: Path, kind: str):
+    """The user's path for a model-based signal: tools/cache_features.py --structure KIND with the model from a
+    local path, then pretrain_control.py on that cache (one rank): the controller trains, the base does not."""
+    from megatron_video.tool_errors import run_tool
+    from tests.data_fixtures import load_tool
+
+    source = ["--structure-model", str(_tiny_dpt(tmp_path / "dpt") if kind == "depth"
+                                       else _tiny_sketch(tmp_path / "sketch.safetensors"))]
+    if kind == "sketch":
+        source += ["--structure-sketch-arch", "tests.test_control_signals:_TinySketch"]
+    cache = tmp_path / "cache"
+    assert run_tool(load_tool("cache_features").main, ["--data-config", str(setup / "decode.yaml"), "--out",
+                                                       str(cache), "--structure", kind, *source]) == 0
+    data = yaml.safe_load((setup / "decode.yaml").read_text())
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump({**data, "cache_path": str(cache)}))
+    argv = _argv(setup, tmp_path / "save", "--data-config", str(tmp_path / "data.yaml"), "--train-iters", "2",
+                 "--structure-signal", kind, *source)
+    for flag, count in (("--tensor-model-parallel-size", 2), ("--sequence-parallel", 1)):
+        at = argv.index(flag)
+        del argv[at:at + count]
+    (rank,) = run_distributed(_train, 1, argv, timeout=240)
+    assert rank["code"] == 0, rank["log"][-3000:]
+    assert rank["base_changed"] == []
+    assert "projector.linears.0.weight" in rank["controller_changed"]
+    assert "encoder.conv_in.weight" in rank["controller_changed"]

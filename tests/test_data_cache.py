@@ -47,7 +47,7 @@ def test_build_resume_and_read(sample_dataset_dir: Path, tmp_path: Path) -> None
     torch.testing.assert_close(item["latent"], expect)
     t, h, w = decode_key(ds.shape_keys[sid])
     assert item["shape"] == (t, h, w) and item["latent"].shape[-2:] == (h // 8, w // 8)
-    assert item["t5_hidden"].shape == (12, 16) and item["t5_mask"].dtype == torch.bool
+    assert item["t5_hidden"].shape == (16, 16) and item["t5_mask"].dtype == torch.bool
     if item["caption"]:
         hidden, mask, pooled = tenc([item["caption"]])
         torch.testing.assert_close(item["t5_hidden"], hidden[0])

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,8 +282,13 @@ def _write_index_arrays(out: Path, parts: list[Path], num_samples: int) -> None:
 
 
 def stub_encoders(latent_channels: int = 4, factors: Sequence[int] = (8, 8, 8), text_dim: int = 16,
-                  text_len: int = 12, pooled_dim: int = 8) -> tuple[VideoEncoderFn, TextEncoderFn]:
-    """Deterministic stand-ins with the real encoders' shapes (for tests and dry runs)."""
+                  text_len: int = 16, pooled_dim: int = 8) -> tuple[VideoEncoderFn, TextEncoderFn]:
+    """Deterministic stand-ins with the real encoders' shapes (for tests, dry runs and the CPU quickstart).
+
+    The text stand-in gives every word (lower case, punctuation stripped) its own fixed random vector, seeded by
+    the word's CRC-32, so different words are told apart the way a real encoder's states are (a caption's colour,
+    shape and direction words steer a model trained on them); the pooled vector is the mean of the words' pooled
+    parts. Up to `text_len - 1` words and an end token; the empty caption is the end token alone."""
     ft, fh, fw = factors
 
     def video(x: torch.Tensor) -> torch.Tensor:
@@ -291,18 +297,23 @@ def stub_encoders(latent_channels: int = 4, factors: Sequence[int] = (8, 8, 8), 
         return pooled.mean(1, keepdim=True).repeat(1, latent_channels, 1, 1, 1) * torch.arange(
             1, latent_channels + 1, dtype=x.dtype).view(1, -1, 1, 1, 1)
 
+    def word_vector(word: str) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(zlib.crc32(word.encode("utf-8")))
+        return torch.randn(text_dim + pooled_dim, generator=gen)
+
     def text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = len(captions)
         hidden = torch.zeros(b, text_len, text_dim)
         mask = torch.zeros(b, text_len, dtype=torch.bool)
         pooled = torch.zeros(b, pooled_dim)
         for i, c in enumerate(captions):
-            words = c.split()[: text_len - 1]
-            n = len(words) + 1  # + end token, so "" still has one valid token
-            codes = torch.tensor([sum(map(ord, w)) % 997 for w in words] + [1], dtype=torch.float32)
-            hidden[i, :n] = codes[:, None] * torch.linspace(0.001, 0.01, text_dim)
+            words = [w.strip(".,;:!?\"'()").lower() for w in c.split()]
+            words = [w for w in words if w][: text_len - 1]
+            vectors = torch.stack([word_vector(w) for w in words] + [word_vector("</s>")])
+            n = vectors.shape[0]  # + the end token, so "" still has one valid token
+            hidden[i, :n] = vectors[:, :text_dim]
             mask[i, :n] = True
-            pooled[i] = codes.mean() * torch.ones(pooled_dim) / 997
+            pooled[i] = vectors[:, text_dim:].mean(0)
         return hidden, mask, pooled
 
     return video, text

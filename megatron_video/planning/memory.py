@@ -13,7 +13,8 @@ of a stream and per block, in bytes (H hidden, F ffn, t = TP size, a = heads, sp
                          gated-residual branch 2H;  FFN half: the same 6H + 8 plus fc1 input 2H
   full sequence:         the gathered q/k/v input 2H (saved once, after the all-gather)
   heads (/t):            q and k RMSNorm (fp32 input + normalised, 8H/t, rsqrt 4a/t each: torch's RMSNorm
-                         keeps an fp32 copy), the flattened attention output fed to the output projection 2H/t
+                         keeps an fp32 copy on CPU, where this is measured; a fused GPU kernel may keep less),
+                         the flattened attention output fed to the output projection 2H/t
   attention kernel:      q, k, v, out 8H/t + logsumexp 4a/t, per token of the attention layout (skiparse
                          pads the video to k^2 and repeats the text k times)
   FFN (/t):              fc1 output 2F/t (GELU input) + GELU output 2F/t

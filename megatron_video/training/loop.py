@@ -335,10 +335,11 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
     batches = _forever(data.loader)
     # the whole model's parameter count: TP-sharded parameters x TP, summed over pipeline stages
     tp = args.tensor_model_parallel_size
-    local = sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
-                for p in parts.module.parameters())
-    num_params = sum_over_pipeline(local, device)
-    blocks_k = [spec.k for spec in args.model_config.block_specs()]
+    sizes = [(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1), p.requires_grad)
+             for p in parts.module.parameters()]
+    num_params = sum_over_pipeline(sum(n for n, _ in sizes), device)
+    frozen_params = sum_over_pipeline(sum(n for n, trains in sizes if not trains), device)  # a frozen base
+    blocks_k = parts.module.attention_sparsity()
     save_wanted = False
     while state.iteration < args.train_iters:
         started = time.monotonic()
@@ -383,7 +384,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         elapsed = time.monotonic() - started
         tokens = video_tokens(x0.shape[2:], args.model_config.patch_size)
         flops = training_flops_per_sample(num_params, args.model_config.hidden_size, blocks_k, tokens,
-                                          micro_batches[0]["t5_hidden"].shape[1])
+                                          micro_batches[0]["t5_hidden"].shape[1], frozen_params)
         world = dist.get_world_size()
         scalars = {
             "loss": loss, "grad_norm": record.grad_norm_before, "grad_norm_clipped": record.grad_norm_after,

@@ -179,6 +179,10 @@ class ControlledSUV(nn.Module):
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor | None] | None) -> None:
         self.base.set_input_tensor(input_tensor)
 
+    def attention_sparsity(self) -> list[int]:
+        """The base's blocks, then the encoder's K dense blocks."""
+        return self.base.attention_sparsity() + [1] * self.controller.control.num_blocks
+
     def pipeline_shapes(self, batch: int, latent_thw: tuple[int, int, int], text_len: int,
                         ) -> tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]:
         cfg = self.base.cfg

@@ -589,6 +589,11 @@ class SUVMMDiT(nn.Module):
                                        self.stage.carry_slots, video_rows)
         return dataclasses.replace(layout, control_rows=control_rows) if control_rows else layout
 
+    def attention_sparsity(self) -> list[int]:
+        """The skiparse k of every block of the whole model (all pipeline stages): what a training step's
+        attention costs (training/flops.py)."""
+        return [spec.k for spec in self.cfg.block_specs()]
+
     def pipeline_shapes(self, batch: int, latent_thw: tuple[int, int, int], text_len: int, control_rows: int = 0,
                         ) -> tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]:
         """(receive shape, send shape) of this stage for micro-batches of this bucket (None: no p2p);

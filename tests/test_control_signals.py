@@ -3,6 +3,8 @@ depth / sketch loaders with small random-weight networks saved to local paths (n
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -52,16 +54,21 @@ def test_hysteresis_keeps_weak_pixels_connected_to_strong_ones():
     assert edges.sum() == 5
 
 
-def test_depth_estimator_from_a_local_dpt_directory(tmp_path):
-    """A tiny random-weight DPT (the MiDaS v3 architecture in transformers) saved and read back locally."""
+def tiny_dpt(path: Path) -> Path:
+    """A random-weight DPT (the MiDaS v3 architecture in transformers), saved as a local directory."""
     from transformers import DPTConfig, DPTForDepthEstimation
 
     config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
                        image_size=32, patch_size=8, neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=16,
                        backbone_out_indices=[0, 1, 2, 3], head_in_index=-1)
     torch.manual_seed(0)
-    DPTForDepthEstimation(config).save_pretrained(tmp_path / "dpt")
-    depth = load_depth_estimator(tmp_path / "dpt", input_size=(32, 32))
+    DPTForDepthEstimation(config).save_pretrained(path)
+    return path
+
+
+def test_depth_estimator_from_a_local_dpt_directory(tmp_path):
+    """A tiny random-weight DPT saved and read back locally."""
+    depth = load_depth_estimator(tiny_dpt(tmp_path / "dpt"), input_size=(32, 32))
     out = depth(_square_video()[..., :24, :16])
     assert out.shape == (1, 1, 2, 24, 16)
     assert out.min() >= 0 and out.max() <= 1  # per-frame scaled to [0, 1]

@@ -338,18 +338,6 @@ def test_cache_tool_refuses_a_signal_without_its_model(setup: Path, tmp_path: Pa
     assert not (tmp_path / "cache").exists()  # refused before anything is written
 
 
-def _tiny_dpt(path: Path) -> Path:
-    """A random-weight DPT (MiDaS v3's architecture in transformers), saved as a local directory."""
-    from transformers import DPTConfig, DPTForDepthEstimation
-
-    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
-                       image_size=32, patch_size=8, neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=16,
-                       backbone_out_indices=[0, 1, 2, 3], head_in_index=-1)
-    torch.manual_seed(0)
-    DPTForDepthEstimation(config).save_pretrained(path)
-    return path
-
-
 def _tiny_sketch(path: Path) -> Path:
     from safetensors.torch import save_file
 
@@ -367,8 +355,9 @@ def test_depth_and_sketch_controllers_train_end_to_end(setup: Path, tmp_path: Pa
     local path, then pretrain_control.py on that cache (one rank): the controller trains, the base does not."""
     from megatron_video.tool_errors import run_tool
     from tests.data_fixtures import load_tool
+    from tests.test_control_signals import tiny_dpt
 
-    source = ["--structure-model", str(_tiny_dpt(tmp_path / "dpt") if kind == "depth"
+    source = ["--structure-model", str(tiny_dpt(tmp_path / "dpt") if kind == "depth"
                                        else _tiny_sketch(tmp_path / "sketch.safetensors"))]
     if kind == "sketch":
         source += ["--structure-sketch-arch", "tests.test_control_signals:_TinySketch"]

@@ -1,6 +1,7 @@
 """Structure-controller overhead per training step over the frozen base alone (issue 18; goal <= 15 %).
 
     python bench/bench_control.py [--preset small] [--shape 4 16 16] [--steps 6] [--threads 2] [--num-blocks 2]
+                                  [--hidden-size W]
 
 Three steps in one process, same batch and MSE loss on a random target, torch Adam, TP = 1, timed in
 interleaved rounds (a busy machine slows all three alike):
@@ -9,7 +10,8 @@ interleaved rounds (a busy machine slows all three alike):
 - controlled: the same frozen base plus the controller (encoder E on the structure video, projectors P_j):
   forward, backward and an optimizer step over the controller;
 - base trained: the SUV model trained alone (weight gradients and an optimizer step), for scale.
-Prints the median step times, the controller's parameter count, and the overhead controlled / frozen base - 1.
+Prints the median step times, the controller's parameter count, the overhead controlled / frozen base - 1, and
+the same ratio in model FLOPs (training/flops.py). Adam is torch's multi-tensor one, as the stack's on host.
 The structure video has the VAE's pixel shape for the latent ((T - 1) * 4 + 1, 8 H, 8 W).
 """
 
@@ -28,7 +30,8 @@ class _Step:
     def __init__(self, model, inputs: dict, target: torch.Tensor) -> None:
         self.model, self.inputs, self.target, self.times = model, inputs, target, []
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=1e-5) if params else None
+        # the multi-tensor Adam the stack's optimizer uses on host parameters (optim/builder.py use_foreach_on_host)
+        self.optimizer = torch.optim.Adam(params, lr=1e-5, foreach=True) if params else None
 
     def __call__(self, record: bool) -> None:
         start = time.perf_counter()
@@ -56,18 +59,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-blocks", type=int, default=2, help="K, the controller's transformer blocks")
     parser.add_argument("--conv-channels", type=int, default=16)
+    parser.add_argument("--hidden-size", type=int, default=None, help="the encoder's width (default: the base's)")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
 
     from megatron_video.models.control import ControlConfig, ControlledSUV
     from megatron_video.models.suv_mmdit import SUVMMDiT, megatron_config, suv_config
     from megatron_video.parallel import init_distributed, initialize_parallel
+    from megatron_video.training.flops import training_flops_per_sample, video_tokens
 
     init_distributed("cpu")
     initialize_parallel()
     cfg = suv_config(opts.preset)
     config = megatron_config(cfg, params_dtype=torch.float32, use_cpu_initialization=True)
-    control = ControlConfig(num_blocks=opts.num_blocks, conv_channels=opts.conv_channels)
+    control = ControlConfig(num_blocks=opts.num_blocks, conv_channels=opts.conv_channels, hidden_size=opts.hidden_size)
     b, (t, h, w) = opts.batch, opts.shape
     g = torch.Generator().manual_seed(0)
     inputs = {
@@ -93,13 +98,20 @@ def main() -> None:
     n_base = sum(p.numel() for p in trained_base.parameters())
     n_ctrl = sum(p.numel() for p in controlled.controller.parameters())
     print(f"preset {opts.preset}, latent {tuple(opts.shape)} x batch {b}, structure {tuple(structure.shape[2:])}, "
-          f"K = {opts.num_blocks}, {opts.threads} threads")
+          f"K = {opts.num_blocks}, encoder width {control.width(cfg)} (base {cfg.hidden_size}), {opts.threads} threads")
     print(f"parameters: base {n_base / 1e6:.3f} M, controller {n_ctrl / 1e6:.3f} M ({n_ctrl / n_base:.1%})")
     print(f"frozen base forward + backward {frozen_step * 1e3:8.1f} ms")
     print(f"controlled step (base frozen)  {controlled_step * 1e3:8.1f} ms")
     print(f"base trained alone             {base_step * 1e3:8.1f} ms")
     print(f"controller overhead            {controlled_step / frozen_step - 1:+8.1%}  over the frozen base "
           "(goal <= +15 %)")
+    tokens = (video_tokens((t, h, w), cfg.patch_size), opts.text_len)
+    base_flops = training_flops_per_sample(n_base, cfg.hidden_size, frozen_base.attention_sparsity(), *tokens,
+                                           frozen_params=n_base)
+    ctrl_flops = training_flops_per_sample(n_base + n_ctrl, cfg.hidden_size, controlled.attention_sparsity(),
+                                           *tokens, frozen_params=n_base)
+    print(f"model FLOPs overhead           {ctrl_flops / base_flops - 1:+8.1%}  (training/flops.py: matmuls and "
+          "attention; what the time overhead tends to where kernels, not per-operation costs, dominate)")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ from tests.harness import run_distributed
 LATENT = (3, 6, 4)  # 18 tokens: skiparse (k = 2, 4) and CP pad, text 7 pads under SP
 
 
-def _control_cfg():
+def _control_cfg(width: int | None = None):
     from megatron_video.models.control import ControlConfig
 
     return ControlConfig(signal_channels=1, temporal_downsample=2, spatial_downsample=2, conv_channels=8,
-                         num_blocks=2)
+                         num_blocks=2, hidden_size=width)
 
 
 def _batch(cfg, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -28,11 +28,11 @@ def _batch(cfg, seed: int = 1) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _controlled(cfg, config, stage=None):
+def _controlled(cfg, config, stage=None, width: int | None = None):
     from megatron_video.models.control import ControlledSUV
     from megatron_video.models.suv_mmdit import SUVMMDiT
 
-    return ControlledSUV(SUVMMDiT(cfg, config, stage, init_seed=5), _control_cfg())
+    return ControlledSUV(SUVMMDiT(cfg, config, stage, init_seed=5), _control_cfg(width))
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,10 @@ def small(tp1):
     return cfg, megatron_config(cfg, params_dtype=torch.float32, use_cpu_initialization=True)
 
 
-def test_zero_initialised_controller_is_the_base_model(small):
+@pytest.mark.parametrize("width", [None, 32])
+def test_zero_initialised_controller_is_the_base_model(small, width):
     cfg, config = small
-    model = _controlled(cfg, config)
+    model = _controlled(cfg, config, width=width)
     batch = _batch(cfg)
     target, structure = batch.pop("target"), batch.pop("structure")
     base_out = model.base(**batch)
@@ -59,9 +60,10 @@ def test_zero_initialised_controller_is_the_base_model(small):
     assert model.controller.projector.linears["3"].weight.grad.abs().max() > 0
 
 
-def test_training_moves_only_the_controller(small):
+@pytest.mark.parametrize("width", [None, 32])
+def test_training_moves_only_the_controller(small, width):
     cfg, config = small
-    model = _controlled(cfg, config)
+    model = _controlled(cfg, config, width=width)
     base_before = {k: v.clone() for k, v in model.base.state_dict().items() if v is not None}
     ctrl_before = {k: v.clone() for k, v in model.controller.state_dict().items() if v is not None}
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -76,6 +78,10 @@ def test_training_moves_only_the_controller(small):
     changed = {k for k, v in ctrl_before.items() if not torch.equal(model.controller.state_dict()[k], v)}
     assert "encoder.conv_in.weight" in changed and "encoder.blocks.0.attn.to_q.weight" in changed  # E learns
     assert "projector.linears.0.weight" in changed
+    if width is not None:  # the narrower encoder: its own width throughout, its text stream mapped in
+        assert "encoder.text_in.weight" in changed
+        assert model.controller.encoder.blocks[0].attn.to_q.weight.shape[0] == width
+        assert tuple(model.controller.projector.linears["0"].weight.shape) == (cfg.hidden_size, width)
     with torch.no_grad():
         assert not torch.equal(model(**batch, structure=structure), model.base(**batch))
 
@@ -133,18 +139,22 @@ def test_space_to_depth_gives_the_first_frame_a_latent_frame_of_its_own():
 
 # ------------------------------------------------------------------------------------------- multi-rank
 
-# (tp, cp, pp, sequence_parallel, CP strategy); the first (one rank per model replica) is the reference
-VARIANTS = [(1, 1, 1, False, None), (2, 1, 1, True, None), (1, 2, 1, False, "skiparse"),
-            (1, 2, 1, False, "ulysses"), (1, 1, 2, False, None)]
+# (tp, cp, pp, sequence_parallel, CP strategy, controller width); the one-rank variant of each width is its
+# reference. The narrower encoder (32 of the base's 64) runs at TP2 + SP (its heads split), CP2 and PP2 (R
+# zero-padded in the carry).
+VARIANTS = [(1, 1, 1, False, None, None), (2, 1, 1, True, None, None), (1, 2, 1, False, "skiparse", None),
+            (1, 2, 1, False, "ulysses", None), (1, 1, 2, False, None, None),
+            (1, 1, 1, False, None, 32), (2, 1, 1, True, None, 32), (1, 2, 1, False, "skiparse", 32),
+            (1, 1, 2, False, None, 32)]
 
 
-def _random_controller_state(cfg, config) -> dict[str, torch.Tensor]:
+def _random_controller_state(cfg, config, width: int | None) -> dict[str, torch.Tensor]:
     """A TP = 1 controller with non-zero projectors (at zero the encoder would get no gradient to compare)."""
     from megatron_video.models.control import StructureController
     from megatron_video.models.suv_mmdit import SUVMMDiT
 
     torch.manual_seed(7)
-    state = StructureController(_control_cfg(), SUVMMDiT(cfg, config, init_seed=5)).state_dict()
+    state = StructureController(_control_cfg(width), SUVMMDiT(cfg, config, init_seed=5)).state_dict()
     state = {k: v for k, v in state.items() if v is not None}  # (megatron's empty _extra_state entries)
     g = torch.Generator().manual_seed(8)
     for key, value in state.items():
@@ -185,17 +195,18 @@ def control_worker(cfg, variants) -> list[dict]:
     initialize_parallel()
     ref_config = megatron_config(cfg, params_dtype=torch.float32, use_cpu_initialization=True)
     weights = random_released_weights(SUVMMDiT(cfg, ref_config))
-    controller_state = _random_controller_state(cfg, ref_config)
+    controller_states = {w: _random_controller_state(cfg, ref_config, w) for w in {v[-1] for v in variants}}
     batch = _batch(cfg)
     probe = torch.linspace(-1.0, 1.0, batch.pop("target").numel()).reshape(2, cfg.out_channels, *LATENT)
     results = []
-    for tp, cp, pp, sp, strategy in variants:
+    for tp, cp, pp, sp, strategy, width in variants:
         initialize_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp, pipeline_model_parallel_size=pp)
         config = megatron_config(cfg, tensor_model_parallel_size=tp, context_parallel_size=cp,
                                  pipeline_model_parallel_size=pp, sequence_parallel=sp, params_dtype=torch.float32,
                                  pipeline_dtype=torch.float32, use_cpu_initialization=True)
         tp_rank, pp_rank = mpu.get_tensor_model_parallel_rank(), mpu.get_pipeline_model_parallel_rank()
-        model = _controlled(cfg, config, stage_of(cfg, pp, pp_rank))
+        model = _controlled(cfg, config, stage_of(cfg, pp, pp_rank), width)
+        controller_state = controller_states[width]
         if strategy == "ulysses":
             set_context_parallel_strategy(model.base, strategy)
         ours = from_released(shard_released(weights, tp, tp_rank), cfg)
@@ -249,10 +260,15 @@ def test_controller_under_tp_sp_cp_and_pp_matches_one_rank():
 
     cfg = suv_config("small")
     per_rank = run_distributed(control_worker, 2, cfg, VARIANTS, timeout=600)
-    reference = per_rank[0][0]
-    assert reference["grads"]["encoder.conv_in.weight"].abs().max() > 0
-    assert reference["output"].abs().max() > 0.1
-    for i, variant in enumerate(VARIANTS[1:], start=1):
+    references = {v[-1]: per_rank[0][i] for i, v in enumerate(VARIANTS) if v[:3] == (1, 1, 1)}
+    for reference in references.values():
+        assert reference["grads"]["encoder.conv_in.weight"].abs().max() > 0
+        assert reference["output"].abs().max() > 0.1
+    assert "encoder.text_in.weight" in references[32]["grads"]
+    for i, variant in enumerate(VARIANTS):
+        if variant[:3] == (1, 1, 1):
+            continue
+        reference = references[variant[-1]]
         ranks = [r[i] for r in per_rank]
         outputs = [r["output"] for r in ranks if r["output"] is not None]
         assert outputs, variant

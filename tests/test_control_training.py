@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def _train(argv: list[str]) -> dict:
     return {"code": code, "log": log.getvalue(),
             "base_changed": [k for k, v in seen["base"].items() if not torch.equal(after_base[k], v)],
             "controller_changed": [k for k, v in seen["controller"].items() if not torch.equal(after_ctrl[k], v)],
-            "patch_embed": after_base["patch_embed.proj.weight"].clone()}
+            "patch_embed": after_base["patch_embed.proj.weight"].clone() if module.pre_process else None}
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +137,67 @@ def test_exact_resume(setup: Path, trained, tmp_path: Path):
     assert sorted(got) == sorted(want)
     different = [key for key in want if not same_values(want[key], got[key])]
     assert not different, different[:10]
+
+
+@pytest.mark.slow
+def test_pipeline_and_context_parallel_checkpoints_resume_exactly(setup: Path, tmp_path: Path):
+    """PP2 x CP2 (four ranks) with a narrower encoder: each stage saves its own projectors (the encoder lives on
+    the first), R crosses the stages zero-padded in the carry, and a run resumed from iteration 2 ends bitwise
+    where the uninterrupted run ends; the export gathers every stage's tensors into one loadable file. Both runs
+    sample at iteration 4 under --sample-structure-video through the same layout (one frame: the controller
+    folds 8 frames, the tiny WF-VAE that decodes 4), and the last rank logs the video."""
+    from safetensors.torch import save_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_video.arguments import parse_args
+    from megatron_video.control.export import export_controller, load_controller_weights, read_controller_file
+    from megatron_video.models.control import ControlledSUV
+    from megatron_video.models.suv_mmdit import SUVMMDiT, megatron_config
+    from tests.inpaint_fixtures import TINY_VAE, tiny_vae
+
+    save_file({k: v.contiguous() for k, v in tiny_vae().state_dict().items()}, str(tmp_path / "vae.safetensors"))
+    (tmp_path / "vae.json").write_text(json.dumps(TINY_VAE))
+    edges = torch.zeros(1, 1, 32, 32, dtype=torch.uint8)
+    edges[..., 8:24, 8] = edges[..., 8:24, 23] = edges[..., 8, 8:24] = edges[..., 23, 8:24] = 255  # a square
+    save_file({"structure": edges}, str(tmp_path / "structure.safetensors"))
+    (tmp_path / "prompts.txt").write_text("A red square.\n")
+    sampling = ["--sample-interval", "4", "--sample-prompts", str(tmp_path / "prompts.txt"), "--sample-encoders",
+                "stub", "--sample-num-steps", "2", "--sample-shape", "1,32,32", "--vae-path",
+                str(tmp_path / "vae.safetensors"), "--vae-config", str(tmp_path / "vae.json"),
+                "--sample-structure-video", str(tmp_path / "structure.safetensors")]
+
+    def argv(save: Path, *extra: str) -> list[str]:
+        out = _argv(setup, save, "--pipeline-model-parallel-size", "2", "--context-parallel-size", "2",
+                    "--control-hidden-size", "32", *sampling, "--tensorboard-dir", str(save / "tb"), *extra)
+        at = out.index("--tensor-model-parallel-size")
+        return [a for a in out[:at] + out[at + 2:] if a != "--sequence-parallel"]  # TP1, no SP
+
+    save = tmp_path / "uninterrupted"
+    ranks = run_distributed(_train, 4, argv(save), timeout=300)
+    for rank in ranks:
+        assert rank["code"] == 0, rank["log"][-3000:]
+        assert rank["base_changed"] == [] and "projector.linears" in " ".join(rank["controller_changed"])
+    log = ranks[0]["log"]
+    assert "sampled 1 prompt(s) at iteration 4 (model weights, canny structure)" in log, log[-3000:]
+    events = EventAccumulator(str(save / "tb"), size_guidance={"images": 0}).Reload()
+    assert [image.step for image in events.Images("samples/00")] == [4]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(iteration_dir(save, 2), iteration_dir(resumed, 2))
+    (resumed / TRACKER).write_text("2\n")
+    ranks = run_distributed(_train, 4, argv(resumed, "--load", str(resumed)), timeout=300)
+    assert ranks[0]["code"] == 0 and "continuing at iteration 2" in ranks[0]["log"], ranks[0]["log"][-3000:]
+    want = checkpoint_tensors(iteration_dir(save, 4), tmp_path / "want.pt")
+    got = checkpoint_tensors(iteration_dir(resumed, 4), tmp_path / "got.pt")
+    assert sorted(got) == sorted(want)
+    assert [key for key in want if not same_values(want[key], got[key])] == []
+    cfg = parse_args(["--model-config", str(setup / "model.yaml")]).model_config
+    _, control, tensors = read_controller_file(export_controller(save, tmp_path / "ctrl.safetensors", "ema"))
+    assert control.hidden_size == 32 and "encoder.text_in.weight" in tensors
+    assert {f"projector.linears.{j}.weight" for j in range(cfg.num_blocks)} <= tensors.keys()  # both stages
+    fresh = ControlledSUV(SUVMMDiT(cfg, megatron_config(cfg, params_dtype=torch.float32,
+                                                        use_cpu_initialization=True), init_seed=5), control)
+    load_controller_weights(fresh.controller, tensors)
 
 
 @pytest.mark.slow
@@ -212,7 +274,7 @@ def _preflight(capsys, argv: list[str]) -> str:
     return err
 
 
-def test_refusals(setup: Path, tmp_path: Path, capsys):
+def test_refusals(setup: Path, tmp_path: Path, capsys, monkeypatch):
     from checkpoints_convert.synthetic import write_random_released
     from megatron_video.models.suv_mmdit import suv_config
 
@@ -229,6 +291,22 @@ def test_refusals(setup: Path, tmp_path: Path, capsys):
                                                                     "--structure-signal", "canny"])
     assert "holds canny structure signal, --structure-signal is depth" in _preflight(
         capsys, [*common, *base, "--structure-signal", "depth"])
+    canny = [*common, *base, "--structure-signal", "canny"]
+    assert "must be a multiple of the base's head size" in _preflight(capsys, [*canny, "--control-hidden-size", "20"])
+    from tests.inpaint_fixtures import TINY_VAE
+
+    (tmp_path / "prompts.txt").write_text("A red square.\n")
+    (tmp_path / "vae.json").write_text(json.dumps(TINY_VAE))
+    sampling = [*canny, "--sample-interval", "2", "--sample-prompts", str(tmp_path / "prompts.txt"),
+                "--sample-encoders", "stub", "--vae-config", str(tmp_path / "vae.json"),
+                "--vae-path", str(tmp_path / "prompts.txt")]  # (the weights are only checked to exist)
+    assert "needs --sample-structure-video" in _preflight(capsys, sampling)
+    assert "the controller folds 4x in time and 8x in space (--control-*-downsample), the sampling VAE 8x and 8x" \
+        in _preflight(capsys, [*sampling, "--sample-structure-video", str(tmp_path / "prompts.txt")])
+    with monkeypatch.context() as env:
+        env.setenv("WORLD_SIZE", "2")
+        assert "heads do not split over --tensor-model-parallel-size 2" in _preflight(
+            capsys, [*canny, "--control-hidden-size", "16", "--tensor-model-parallel-size", "2"])
     online = tmp_path / "online.yaml"
     online.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load((setup / "data.yaml").read_text()).items()
                                       if k != "cache_path"}))

@@ -71,6 +71,12 @@ def test_drop_last_false_completes_buckets() -> None:
     assert batches.shape == (3 + 4, 4)
     assert set(batches.ravel().tolist()) == set(range(23))  # nobody left out
     assert all(len({int(keys[i]) for i in b}) == 1 for b in batches)
+    # a held-out set smaller than one global batch: each bucket still fills a batch, every member in it
+    small = ShapeBatchSampler(keys[8:13], 8, 2, 0, 2, drop_last=False)
+    batches = small.epoch_batches(0)
+    assert batches.shape == (2, 8) and small.dropped_small_buckets == {}
+    assert sorted(set(batches[0].tolist()) | set(batches[1].tolist())) == [0, 1, 2, 3, 4]
+    assert all(len({int(keys[8:13][i]) for i in b}) == 1 for b in batches)
 
 
 def test_resume_from_any_step_yields_exact_remainder() -> None:

@@ -31,6 +31,9 @@ def test_attention_blocks_of_the_controlled_model(tp1) -> None:
     assert base.attention_sparsity() == [spec.k for spec in cfg.block_specs()] == [1, 1, 2, 2, 4, 4, 2, 2, 1, 1]
     controlled = ControlledSUV(base, ControlConfig(num_blocks=2))
     assert controlled.attention_sparsity() == [1, 1, 2, 2, 4, 4, 2, 2, 1, 1, 1, 1]
+    narrow = ControlledSUV(SUVMMDiT(cfg, megatron_config(cfg, params_dtype=torch.float32, use_cpu_initialization=True)),
+                           ControlConfig(num_blocks=2, hidden_size=16))
+    assert narrow.attention_sparsity()[-3:] == [1, 4.0, 4.0]  # a quarter of the width: a quarter of the cost
     assert all(not p.requires_grad for p in controlled.base.parameters())  # what the loop counts as frozen
     unused = [n for n, p in controlled.controller.named_parameters() if not p.requires_grad]
     assert unused and all(".attn.add_q." in n or ".attn.norm_added_q." in n for n in unused)  # the last encoder

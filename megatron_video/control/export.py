@@ -4,6 +4,8 @@ optimizer state, named in the style of the base's released weights (docs/DESIGN.
     control_encoder.conv_in.{weight,bias}                   encoder.conv_in      (signal folded to the latent grid)
     control_encoder.conv_mid.{weight,bias}                  encoder.conv_mid
     control_encoder.patch_embed.proj.{weight,bias}          encoder.patch_embed  (one token per latent patch)
+    control_encoder.context_in.{weight,bias}                encoder.text_in      (a narrower encoder only: the
+                                                            base's text stream in the encoder's width)
     control_encoder.transformer_blocks.{i}.<block name>     encoder.blocks.{i}   (the base's released block names:
                                                             norm1.linear, attn1.to_q, ff.net.0.proj, ...)
     control_projector.{j}.{weight,bias}                     projector.linears.{j} (P_j, added after base block j)
@@ -28,7 +30,7 @@ from megatron_video.models.suv_mmdit.state_dict_adapter import block_key_from_re
 
 FORMAT = "megatron-video structure controller"
 _CONV = {"encoder.conv_in": "control_encoder.conv_in", "encoder.conv_mid": "control_encoder.conv_mid",
-         "encoder.patch_embed": "control_encoder.patch_embed.proj"}
+         "encoder.patch_embed": "control_encoder.patch_embed.proj", "encoder.text_in": "control_encoder.context_in"}
 
 
 def to_export_name(name: str) -> str:

@@ -47,6 +47,9 @@ def add_control_args(parser: argparse.ArgumentParser) -> None:
     add_signal_source_args(g)  # online signals only: a feature cache holds them computed
     g.add_argument("--control-blocks", type=int, default=2, help="K: transformer blocks of the controller's encoder")
     g.add_argument("--control-conv-channels", type=int, default=32, help="channels of the encoder's convolutions")
+    g.add_argument("--control-hidden-size", type=int, default=None,
+                   help="width of the encoder's transformer blocks (default: the base's hidden size); a multiple of "
+                        "the base's head size: fewer heads, its projectors map back to the base's width")
     g.add_argument("--control-temporal-downsample", type=int, default=4,
                    help="pixel frames per latent frame of the video VAE (WF-VAE: 4)")
     g.add_argument("--control-spatial-downsample", type=int, default=8,
@@ -59,7 +62,8 @@ def control_config(args: argparse.Namespace) -> Any:
 
     return ControlConfig(signal_channels=1, temporal_downsample=args.control_temporal_downsample,
                          spatial_downsample=args.control_spatial_downsample,
-                         conv_channels=args.control_conv_channels, num_blocks=args.control_blocks)
+                         conv_channels=args.control_conv_channels, num_blocks=args.control_blocks,
+                         hidden_size=args.control_hidden_size)
 
 
 # ---------------------------------------------------------------------------------------------- the base
@@ -178,6 +182,9 @@ def check_resume(args: argparse.Namespace) -> None:
         raise ValueError(f"--base {current['base']} (fingerprint {current['base_fingerprint'][:12]}) is not the base "
                          f"--load {args.load} was trained on ({saved['base']}, fingerprint "
                          f"{saved['base_fingerprint'][:12]}): resume with that base")
+    from megatron_video.models.control import ControlConfig
+
+    saved = {**saved, "config": {**dataclasses.asdict(ControlConfig()), **saved["config"]}}  # fields added later
     for key, flag in (("signal", "--structure-signal"), ("config", "the --control-* flags")):
         if saved[key] != current[key]:
             raise ValueError(f"--load {args.load} was trained with {key} {saved[key]}, {flag} give {current[key]}")
@@ -190,12 +197,14 @@ def check_control_args(args: argparse.Namespace) -> None:
     if args.model_config is not None:
         check_base(source, args.model_config)  # a checkpoint of ours is first checked to hold data only
     try:
-        control_config(args)
+        control = control_config(args)
+        if args.model_config is not None:
+            heads = control.width(args.model_config) // args.model_config.head_dim
+            if heads % args.tensor_model_parallel_size:
+                raise ValueError(f"the encoder's {heads} heads do not split over --tensor-model-parallel-size "
+                                 f"{args.tensor_model_parallel_size}")
     except ValueError as exc:
         raise ValueError(f"--control-*: {exc}") from exc
-    if getattr(args, "sample_interval", None) is not None:
-        raise ValueError("--sample-interval: training samples do not take a structure signal yet; sample with "
-                         "tools/sample.py --controller")
     data = args.data_config
     cache = getattr(data, "cache_path", None) if data is not None else None
     if cache:

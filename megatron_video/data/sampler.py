@@ -87,9 +87,10 @@ class ShapeBatchSampler:
         micro_batch_size: samples per rank per forward pass.
         dp_rank, dp_size: this replica's data-parallel coordinates.
         seed: base seed; the order of epoch e depends on (seed, e) only.
-        min_bucket_batches: buckets with fewer than this many global batches are dropped (logged).
+        min_bucket_batches: buckets with fewer than this many global batches are dropped (logged); with
+            drop_last=False every non-empty bucket is kept.
         drop_last: drop each bucket's incomplete last global batch (True) or complete it by repeating
-            bucket members (False).
+            bucket members (False: a held-out set smaller than a global batch is still evaluated).
         skip_ids: sample ids whose whole global batch is skipped (the same on every rank, so shapes and
             positions stay aligned); skipped batches still count as consumed.
     """
@@ -110,7 +111,7 @@ class ShapeBatchSampler:
         self.min_bucket_batches, self.drop_last = min_bucket_batches, drop_last
         members = keys if isinstance(keys, BucketMembers) else BucketMembers.from_keys(keys)
         self.num_samples, self._digest = members.num_rows, members.digest
-        keep = members.bucket_sizes >= min_bucket_batches * global_batch_size
+        keep = members.bucket_sizes >= (min_bucket_batches * global_batch_size if drop_last else 1)
         self._log_dropped(members.bucket_keys[~keep], members.bucket_sizes[~keep])
         if not keep.any():
             raise ValueError(f"no shape bucket has >= {min_bucket_batches} global batch(es) of "
@@ -158,7 +159,7 @@ class ShapeBatchSampler:
         if perm is None:
             perm = bucket_perms[bucket] = FeistelPermutation(size, derive_key(self.seed, epoch, key))
         j = (q - int(self._batch_start[bucket])) * self.global_batch_size + np.arange(self.global_batch_size)
-        j = np.where(j >= size, j - size, j)
+        j = j % size
         ids = np.asarray(self._members[int(self._bucket_start[bucket]) + perm(j)], np.int64)
         self._batch = (epoch, b, ids)  # the micro-batches of one global batch reuse it
         return ids

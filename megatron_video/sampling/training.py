@@ -4,6 +4,8 @@ fixed prompts of --sample-prompts with fixed seeds (--seed + i); the decoded vid
 Inpainting models (pretrain_i2v.py) sample image-to-video: every prompt starts from the first frame of
 --sample-cond-image, conditioned by the inpainting config's `masked_latents` convention as in training.
 
+Structure-controller runs (pretrain_control.py) sample under the structure signal of --sample-structure-video.
+
 Every rank of every replica samples every prompt (the model's TP / CP / PP ranks must run together; replicas
 repeat the work instead of exchanging videos), and the TensorBoard rank (the last) decodes and logs them."""
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +47,10 @@ def add_training_sample_args(group: Any) -> None:
     group.add_argument("--sample-cond-image", type=str, default=None,
                        help="inpainting (i2v) models: an image or video file of the sample size whose first frame "
                             "every training-time sample starts from (image-to-video)")
+    group.add_argument("--sample-structure-video", type=str, default=None,
+                       help="structure-controller runs (pretrain_control.py): the structure every training-time "
+                            "sample follows, a video of the sample size (its --structure-signal is extracted) or a "
+                            ".safetensors file holding a computed uint8 `structure` (1, T, H, W)")
 
 
 def sample_shape(args: argparse.Namespace) -> tuple[int, int, int]:
@@ -80,7 +87,45 @@ def check_sample_args(args: argparse.Namespace) -> list[str]:
     elif args.sample_cond_image is not None:
         raise SampleInputError("--sample-cond-image conditions inpainting models; this model config has no "
                                "condition_channels")
+    if getattr(args, "structure_signal", None) is not None:
+        check_structure_sample_args(args, factors)
+    elif args.sample_structure_video is not None:
+        raise SampleInputError("--sample-structure-video is for structure-controller runs (pretrain_control.py)")
     return prompts
+
+
+def structure_source(args: argparse.Namespace) -> argparse.Namespace:
+    """The sampling CLI's structure flags for --sample-structure-video at the training-time sample size."""
+    t, h, w = sample_shape(args)
+    return argparse.Namespace(structure_video=args.sample_structure_video, num_frames=t, height=h, width=w,
+                              structure_model=args.structure_model, structure_sketch_arch=args.structure_sketch_arch)
+
+
+def check_structure_sample_args(args: argparse.Namespace, factors: tuple[int, int]) -> None:
+    """A controller run's samples follow --sample-structure-video: present, of a size the controller folds to the
+    sample latent, its signal computable here (a video needs the signal's model, even when training reads
+    signals from a feature cache)."""
+    from megatron_video.control.signals import check_signal_source
+    from megatron_video.control.training import control_config
+
+    path = args.sample_structure_video
+    if path is None:
+        raise SampleInputError("--sample-interval in a structure-controller run needs --sample-structure-video (the "
+                               "structure every sample follows)")
+    if not Path(path).is_file():
+        raise SampleInputError(f"--sample-structure-video: file not found: {path}")
+    shape = sample_shape(args)
+    latent = latent_size(args.model_config, factors, *shape)[1:]
+    control = control_config(args)
+    if control.pixel_shape(latent) != shape:
+        raise SampleInputError(f"the controller folds {control.temporal_downsample}x in time and "
+                               f"{control.spatial_downsample}x in space (--control-*-downsample), the sampling VAE "
+                               f"{factors[0]}x and {factors[1]}x")
+    if not path.endswith(".safetensors"):
+        try:
+            check_signal_source(args.structure_signal, args.structure_model, args.structure_sketch_arch)
+        except ValueError as exc:
+            raise SampleInputError(f"--sample-structure-video: {exc}") from exc
 
 
 def check_inpaint_sample_args(args: argparse.Namespace, temporal_factor: int) -> None:
@@ -119,6 +164,11 @@ class TrainingSampler:
             self.condition = task_condition("i2v", video, self.vae, self.latent[1:],
                                             load_inpaint_config(args.inpaint_config).masked_latents,
                                             chunk_size=args.vae_chunk_size)
+        self.structure = None
+        if getattr(args, "structure_signal", None) is not None:  # a structure controller on its frozen base
+            from megatron_video.sampling.cli import structure_signal
+
+            self.structure = structure_signal(structure_source(args), args.structure_signal, device)
         self.fps = args.data_config.shape.fps
 
     def due(self, iteration: int) -> bool:
@@ -137,7 +187,7 @@ class TrainingSampler:
                 noise = initial_noise(self.latent, [self.args.seed + index], self.device)
                 negative = self.encode_text([""]) if self.config.guidance_scale != 1.0 else None
                 latents = sample(parts.model, parts.module, noise, self.encode_text([prompt]), self.config, negative,
-                                 self.condition)
+                                 self.condition, structure=self.structure)
                 if log.writer is not None:
                     video = self.vae.decode(latents, chunk_size=self.args.vae_chunk_size)[0].float()
                     log_video(log.writer, f"samples/{index:02d}", to_frames(video), iteration, self.fps)
@@ -145,9 +195,10 @@ class TrainingSampler:
         if log.writer is not None:
             log.writer.flush()
         log.info("sampled %d prompt(s) at iteration %d (%s weights%s)", len(self.prompts), iteration,
-                 "EMA" if use_ema else "model", ", image-to-video" if self.condition is not None else "")
+                 "EMA" if use_ema else "model", ", image-to-video" if self.condition is not None else
+                 f", {self.args.structure_signal} structure" if self.structure is not None else "")
         return videos
 
 
 __all__ = ["TrainingSampler", "add_training_sample_args", "check_inpaint_sample_args", "check_sample_args",
-           "sample_shape"]
+           "check_structure_sample_args", "sample_shape", "structure_source"]

@@ -42,12 +42,25 @@ class ControlConfig:
     spatial_downsample: int = 8
     conv_channels: int = 32  # of the convolutions at the latent grid
     num_blocks: int = 2  # K
+    # The encoder's width (None: the base's). A narrower encoder keeps one token per latent patch, the base's
+    # head size and fewer heads; its text stream enters through a linear map and P_j maps back to the base's width.
+    hidden_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.temporal_downsample < 1 or self.spatial_downsample < 1:
             raise ValueError("temporal_downsample and spatial_downsample must be >= 1")
         if self.signal_channels < 1 or self.conv_channels < 1 or self.num_blocks < 0:
             raise ValueError("signal_channels and conv_channels must be >= 1, num_blocks >= 0")
+        if self.hidden_size is not None and self.hidden_size < 1:
+            raise ValueError(f"hidden_size must be >= 1, got {self.hidden_size}")
+
+    def width(self, cfg: SUVConfig) -> int:
+        """The encoder's width for the base `cfg` (ValueError if it does not fit the base's heads)."""
+        width = self.hidden_size or cfg.hidden_size
+        if width % cfg.head_dim or width > cfg.hidden_size:
+            raise ValueError(f"the controller's hidden size {width} must be a multiple of the base's head size "
+                             f"{cfg.head_dim} and at most the base's hidden size {cfg.hidden_size}")
+        return width
 
     def pixel_shape(self, latent_thw: tuple[int, int, int]) -> tuple[int, int, int]:
         """(T, H, W) of the structure video that matches a latent of (t, h, w)."""
@@ -65,7 +78,7 @@ def space_to_depth(video: Tensor, ft: int, fs: int) -> Tensor:
 
 
 class StructureEncoder(nn.Module):
-    """E: structure video (B, C, T, H, W) -> R (N, B, hidden), tokens in the base's (t, h, w) order.
+    """E: structure video (B, C, T, H, W) -> R (N, B, width), tokens in the base's (t, h, w) order.
     The downsampling is a space-to-depth to the latent grid followed by a 1x1x1 and a 3x3x3 convolution (the
     pixel-rate work is a reshape: at small models a strided conv stack at pixel resolution costs more than the
     whole denoiser), then the base's patch size as a strided convolution."""
@@ -73,17 +86,24 @@ class StructureEncoder(nn.Module):
     def __init__(self, control: ControlConfig, cfg: SUVConfig, config: ModelParallelConfig) -> None:
         super().__init__()
         dtype, ch = config.params_dtype, control.conv_channels
-        self.control, self.patch = control, cfg.patch_size
+        self.control, self.patch, self.width = control, cfg.patch_size, control.width(cfg)
+        narrow = self.width < cfg.hidden_size
         folded = control.signal_channels * control.temporal_downsample * control.spatial_downsample ** 2
         self.conv_in = nn.Conv3d(folded, ch, 1, dtype=dtype)
         self.conv_mid = nn.Conv3d(ch, ch, 3, padding=1, dtype=dtype)
         p = cfg.patch_size
-        self.patch_embed = nn.Conv3d(ch, cfg.hidden_size, (1, p, p), stride=(1, p, p), dtype=dtype)
+        self.patch_embed = nn.Conv3d(ch, self.width, (1, p, p), stride=(1, p, p), dtype=dtype)
+        # the base's text stream in the encoder's width (replicated like the convolutions: its input is whole)
+        self.text_in = nn.Linear(cfg.hidden_size, self.width, dtype=dtype) if narrow else None
         # K dense SUV blocks on whole sequences (the controller is small: no sequence parallelism inside it)
         local = without_sequence_parallel(config)
+        block_cfg = cfg.replace(num_heads=self.width // cfg.head_dim) if narrow else cfg
+        if block_cfg.num_heads % config.tensor_model_parallel_size:
+            raise ValueError(f"the controller's {block_cfg.num_heads} heads (hidden size {self.width}) do not split "
+                             f"over tensor parallel size {config.tensor_model_parallel_size}")
         k = control.num_blocks
         self.blocks = nn.ModuleList(
-            SUVBlock(cfg, local, BlockSpec(index=i, stage=0, index_in_stage=i, k=1, mode="full",
+            SUVBlock(block_cfg, local, BlockSpec(index=i, stage=0, index_in_stage=i, k=1, mode="full",
                                            context_pre_only=i == k - 1, skip_in=None, skip_out=False))
             for i in range(k))
 
@@ -99,6 +119,8 @@ class StructureEncoder(nn.Module):
         h = F.silu(self.conv_mid(F.silu(self.conv_in(folded))))
         tokens = self.patch_embed(h)  # (B, D, t, h', w')
         r = tokens.flatten(2).permute(2, 0, 1)  # (N, B, D), (t, h, w) order
+        if self.text_in is not None:
+            c = self.text_in(c)
         for block in self.blocks:
             r, c = block(r, c, temb, *rope, video_valid, text_valid)
         return r
@@ -109,14 +131,14 @@ def _zeros(weight: Tensor) -> None:
 
 
 class Projector(nn.Module):
-    """P_j for the blocks of one pipeline stage: row-parallel Linear(H -> H) each, zero-initialised; under
+    """P_j for the blocks of one pipeline stage: row-parallel Linear(width -> H) each, zero-initialised; under
     Megatron-SP its reduce-scatter yields this TP rank's sequence shard, as X_j is split."""
 
-    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig, blocks: range) -> None:
+    def __init__(self, cfg: SUVConfig, config: ModelParallelConfig, blocks: range, width: int) -> None:
         super().__init__()
-        hidden = cfg.hidden_size
+        self.width = width
         self.linears = nn.ModuleDict({
-            str(j): RowParallelLinear(hidden, hidden, config=config, init_method=_zeros, bias=True,
+            str(j): RowParallelLinear(width, cfg.hidden_size, config=config, init_method=_zeros, bias=True,
                                       input_is_parallel=True, skip_bias_add=False)
             for j in blocks})
 
@@ -142,7 +164,7 @@ class StructureController(nn.Module):
         super().__init__()
         self.control = control
         self.encoder = StructureEncoder(control, base.cfg, base.config) if base.pre_process else None
-        self.projector = Projector(base.cfg, base.config, base.stage.blocks)
+        self.projector = Projector(base.cfg, base.config, base.stage.blocks, control.width(base.cfg))
 
 
 @dataclass(frozen=True)
@@ -156,10 +178,13 @@ class StructureControl:
                text_valid: Tensor | None, grid: tuple[int, int, int]) -> Tensor:
         if self.controller.encoder is None or self.signal is None:
             raise RuntimeError("the structure encoder runs on the first pipeline stage, with a structure signal")
-        return self.controller.encoder(self.signal, c, temb, rope, video_valid, text_valid, grid)
+        r = self.controller.encoder(self.signal, c, temb, rope, video_valid, text_valid, grid)
+        # R crosses pipeline stages in the carry, whose rows have the base's width: a narrower R is zero-padded
+        return F.pad(r, (0, c.shape[-1] - r.shape[-1])) if r.shape[-1] < c.shape[-1] else r
 
     def inject(self, block: SUVBlock, x: Tensor, features: Tensor, n_pad: int) -> Tensor:
-        f = self.controller.projector(block.spec.index, rows_in_block_layout(features, block, n_pad))
+        rows = features[..., :self.controller.projector.width]
+        f = self.controller.projector(block.spec.index, rows_in_block_layout(rows, block, n_pad))
         return x + f.to(x.dtype)
 
 
@@ -179,9 +204,11 @@ class ControlledSUV(nn.Module):
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor | None] | None) -> None:
         self.base.set_input_tensor(input_tensor)
 
-    def attention_sparsity(self) -> list[int]:
-        """The base's blocks, then the encoder's K dense blocks."""
-        return self.base.attention_sparsity() + [1] * self.controller.control.num_blocks
+    def attention_sparsity(self) -> list[float]:
+        """The base's blocks, then the encoder's K dense blocks. Attention costs scale with the width, so a
+        narrower encoder's block counts as sparsity base width / its width (training/flops.py)."""
+        control = self.controller.control
+        return self.base.attention_sparsity() + [self.cfg.hidden_size / control.width(self.cfg)] * control.num_blocks
 
     def pipeline_shapes(self, batch: int, latent_thw: tuple[int, int, int], text_len: int,
                         ) -> tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]:

@@ -139,6 +139,12 @@ def test_preflight_and_tool_refuse_a_stale_index(metadata: Path, tmp_path: Path,
         check_metadata(config)
     assert tool.main(["--metadata", str(tmp_path / "missing.parquet"), "--data-config", str(config_path)]) == 2
     assert "not an existing .parquet metadata file" in capsys.readouterr().err
+    # the index is read (and checked) only beside one Parquet file: training plans two files in memory
+    from megatron_video.data.bucket_index import planned_metadata
+
+    assert planned_metadata([str(meta)]) == str(meta)
+    assert planned_metadata([str(meta), str(metadata)]) is None and planned_metadata([str(metadata)]) is None
+    check_metadata(DataConfig.from_dict({"metadata_paths": [str(meta), str(metadata)], "shape": {}}))
 
 
 def test_training_sampler_reads_the_planned_index(sample_dataset_dir: Path, tmp_path: Path) -> None:  # noqa: F811

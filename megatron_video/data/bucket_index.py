@@ -48,6 +48,14 @@ def index_paths(metadata: str | Path) -> tuple[Path, Path, Path, Path]:
     return Path(m + ".buckets.json"), Path(m + ".buckets.npy"), Path(m + ".members.npy"), Path(m + ".rowgroups.npy")
 
 
+def planned_metadata(metadata_paths: list[str]) -> str | None:
+    """The Parquet metadata file whose planned bucket index a data set reads, or None. An index is read only
+    beside a single Parquet file (training, the dataset and the pre-flight decide it here)."""
+    if len(metadata_paths) != 1 or not metadata_paths[0].endswith(".parquet"):
+        return None
+    return metadata_paths[0] if index_paths(metadata_paths[0])[0].exists() else None
+
+
 def metadata_identity(path: str | Path) -> dict[str, Any]:
     """Size, mtime and a hash of the Parquet footer (schema, row groups, statistics): changes with the file."""
     st = os.stat(path)

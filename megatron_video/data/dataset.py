@@ -172,13 +172,13 @@ class VideoDataset(Dataset):
     @classmethod
     def from_index(cls, config: DataConfig) -> VideoDataset:
         """Over one Parquet metadata file with its planned bucket index: records read on demand."""
-        from megatron_video.data.bucket_index import open_bucket_index
-
-        if len(config.metadata_paths) != 1 or not config.metadata_paths[0].endswith(".parquet"):
-            raise ValueError(f"a planned bucket index needs one Parquet metadata file, got {config.metadata_paths}")
+        from megatron_video.data.bucket_index import open_bucket_index, planned_metadata
         from megatron_video.data.metadata_parquet import ParquetSource
 
-        path = config.metadata_paths[0]
+        path = planned_metadata(config.metadata_paths)
+        if path is None:
+            raise ValueError(f"a planned bucket index is read beside one Parquet metadata file (tools/plan_buckets.py "
+                             f"writes it); none for {config.metadata_paths}")
         members, codes, layout = open_bucket_index(path, config.shape)
         # the row groups are read through the index's footer layout: the footer is never decoded whole
         metadata = Metadata([ParquetSource(path, config.data_root, load_columns=False, layout=layout)])

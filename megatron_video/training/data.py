@@ -21,6 +21,7 @@ class DataPipeline:
 
 
 def build_data(args: argparse.Namespace, data_config: DataConfig, dp_rank: int, dp_size: int) -> DataPipeline:
+    from megatron_video.data.bucket_index import planned_metadata
     from megatron_video.data.cache import FeatureCacheDataset
     from megatron_video.data.dataset import VideoDataset
     from megatron_video.data.loader import build_dataloader
@@ -28,7 +29,7 @@ def build_data(args: argparse.Namespace, data_config: DataConfig, dp_rank: int, 
     if data_config.cache_path:
         dataset = FeatureCacheDataset(data_config.cache_path, data_config)
         keys = dataset.shape_keys
-    elif _has_bucket_index(data_config):  # checked by preflight; records then read on demand
+    elif planned_metadata(data_config.metadata_paths):  # checked by preflight; records then read on demand
         dataset = VideoDataset.from_index(data_config)
         keys = dataset.sampler_keys
     else:
@@ -42,15 +43,6 @@ def build_data(args: argparse.Namespace, data_config: DataConfig, dp_rank: int, 
     )
     loader = build_dataloader(dataset, sampler, num_workers=data_config.num_workers)
     return DataPipeline(dataset, sampler, loader)
-
-
-def _has_bucket_index(data_config: DataConfig) -> bool:
-    """tools/plan_buckets.py wrote a bucket index for the one Parquet metadata file: the dataset memory-maps it
-    (the same order and resume fingerprint as planning in memory) and reads each record on demand."""
-    from megatron_video.data.bucket_index import index_paths
-
-    paths = data_config.metadata_paths
-    return len(paths) == 1 and paths[0].endswith(".parquet") and index_paths(paths[0])[0].exists()
 
 
 class BatchEncoder:

@@ -110,6 +110,7 @@ def check_checkpoints_are_safe(args: argparse.Namespace) -> None:
 
 def check_metadata(data_config: Any) -> None:
     """Every metadata file (data.txt, annotation JSON, Parquet) and the feature cache directory exist."""
+    from megatron_video.data.bucket_index import planned_metadata
     from megatron_video.data.metadata import MetadataError, read_data_txt
 
     if not data_config.metadata_paths:
@@ -117,8 +118,6 @@ def check_metadata(data_config: Any) -> None:
     for path in data_config.metadata_paths:
         if not Path(path).is_file():
             raise PreflightError(f"--data-config: metadata file not found: {path}")
-        if path.endswith(".parquet"):
-            check_bucket_index(path, data_config.shape)
         if path.endswith((".json", ".parquet")):
             continue
         try:
@@ -129,6 +128,9 @@ def check_metadata(data_config: Any) -> None:
             if not Path(annotation).is_file():
                 raise PreflightError(f"--data-config: {path} names an annotation file that does not exist: "
                                      f"{annotation}")
+    planned = planned_metadata(data_config.metadata_paths)
+    if planned is not None and data_config.cache_path is None:  # the index training will read
+        check_bucket_index(planned, data_config.shape)
     cache = data_config.cache_path
     if cache is not None and not Path(cache).is_dir():
         raise PreflightError(f"--data-config: cache_path is not a directory: {cache}")
@@ -149,14 +151,13 @@ def check_cache_index(cache: str) -> None:
 
 
 def check_bucket_index(path: str, shape: Any) -> None:
-    """A planned bucket index next to Parquet metadata (tools/plan_buckets.py) must match it and `shape`."""
-    from megatron_video.data.bucket_index import BucketIndexError, index_paths, load_bucket_index
+    """The planned bucket index next to Parquet metadata (tools/plan_buckets.py) must match it and `shape`."""
+    from megatron_video.data.bucket_index import BucketIndexError, load_bucket_index
 
-    if index_paths(path)[0].exists():
-        try:
-            load_bucket_index(path, shape)
-        except BucketIndexError as exc:
-            raise PreflightError(f"--data-config: {exc}") from exc
+    try:
+        load_bucket_index(path, shape)
+    except BucketIndexError as exc:
+        raise PreflightError(f"--data-config: {exc}") from exc
 
 
 def _same_dir(a: str, b: str | None) -> bool:

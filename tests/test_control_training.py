@@ -144,8 +144,8 @@ def test_pipeline_and_context_parallel_checkpoints_resume_exactly(setup: Path, t
     """PP2 x CP2 (four ranks) with a narrower encoder: each stage saves its own projectors (the encoder lives on
     the first), R crosses the stages zero-padded in the carry, and a run resumed from iteration 2 ends bitwise
     where the uninterrupted run ends; the export gathers every stage's tensors into one loadable file. Both runs
-    sample at iteration 4 under --sample-structure-video through the same layout (one frame: the controller
-    folds 8 frames, the tiny WF-VAE that decodes 4), and the last rank logs the video."""
+    sample at iteration 4 under --sample-structure-video through the same layout (decoded by a tiny WF-VAE that,
+    like the stub encoder the cache was built with, folds 8 frames and 8x8 pixels), and the last rank logs it."""
     from safetensors.torch import save_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -157,12 +157,12 @@ def test_pipeline_and_context_parallel_checkpoints_resume_exactly(setup: Path, t
 
     save_file({k: v.contiguous() for k, v in tiny_vae().state_dict().items()}, str(tmp_path / "vae.safetensors"))
     (tmp_path / "vae.json").write_text(json.dumps(TINY_VAE))
-    edges = torch.zeros(1, 1, 32, 32, dtype=torch.uint8)
+    edges = torch.zeros(1, 9, 32, 32, dtype=torch.uint8)
     edges[..., 8:24, 8] = edges[..., 8:24, 23] = edges[..., 8, 8:24] = edges[..., 23, 8:24] = 255  # a square
     save_file({"structure": edges}, str(tmp_path / "structure.safetensors"))
     (tmp_path / "prompts.txt").write_text("A red square.\n")
     sampling = ["--sample-interval", "4", "--sample-prompts", str(tmp_path / "prompts.txt"), "--sample-encoders",
-                "stub", "--sample-num-steps", "2", "--sample-shape", "1,32,32", "--vae-path",
+                "stub", "--sample-num-steps", "2", "--sample-shape", "9,32,32", "--vae-path",
                 str(tmp_path / "vae.safetensors"), "--vae-config", str(tmp_path / "vae.json"),
                 "--sample-structure-video", str(tmp_path / "structure.safetensors")]
 
@@ -181,6 +181,10 @@ def test_pipeline_and_context_parallel_checkpoints_resume_exactly(setup: Path, t
     assert "sampled 1 prompt(s) at iteration 4 (model weights, canny structure)" in log, log[-3000:]
     events = EventAccumulator(str(save / "tb"), size_guidance={"images": 0}).Reload()
     assert [image.step for image in events.Images("samples/00")] == [4]
+    from PIL import Image, ImageSequence
+
+    gif = Image.open(io.BytesIO(events.Images("samples/00")[0].encoded_image_string))
+    assert [frame.size for frame in ImageSequence.Iterator(gif)] == [(32, 32)] * 9  # the sample shape, decoded
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(iteration_dir(save, 2), iteration_dir(resumed, 2))

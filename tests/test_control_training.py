@@ -458,3 +458,25 @@ def test_depth_and_sketch_controllers_train_end_to_end(setup: Path, tmp_path: Pa
     assert rank["base_changed"] == []
     assert "projector.linears.0.weight" in rank["controller_changed"]
     assert "encoder.conv_in.weight" in rank["controller_changed"]
+
+
+def test_resume_accepts_records_written_before_later_controller_fields(tmp_path: Path, monkeypatch):
+    """A checkpoint's control record from before `hidden_size` existed resumes with the default (full width) and
+    is refused for another width: absent fields compare as their defaults."""
+    import argparse
+
+    from megatron_video.control import training as control
+    from megatron_video.training import save_dir
+
+    (tmp_path / "base.safetensors").write_bytes(b"weights")
+    args = argparse.Namespace(base=str(tmp_path / "base.safetensors"), base_weights="ema", structure_signal="canny",
+                              control_temporal_downsample=4, control_spatial_downsample=8, control_conv_channels=32,
+                              control_blocks=2, control_hidden_size=None, load=str(tmp_path / "ckpt"))
+    old = control.control_record(args)
+    del old["config"]["hidden_size"]
+    monkeypatch.setattr(save_dir, "resume_iteration", lambda load: 2)
+    monkeypatch.setattr(control, "saved_record", lambda load: old)
+    control.check_resume(args)
+    args.control_hidden_size = 16
+    with pytest.raises(ValueError, match="was trained with config"):
+        control.check_resume(args)

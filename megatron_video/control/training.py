@@ -199,10 +199,7 @@ def check_control_args(args: argparse.Namespace) -> None:
     try:
         control = control_config(args)
         if args.model_config is not None:
-            heads = control.width(args.model_config) // args.model_config.head_dim
-            if heads % args.tensor_model_parallel_size:
-                raise ValueError(f"the encoder's {heads} heads do not split over --tensor-model-parallel-size "
-                                 f"{args.tensor_model_parallel_size}")
+            control.width(args.model_config, args.tensor_model_parallel_size)
     except ValueError as exc:
         raise ValueError(f"--control-*: {exc}") from exc
     data = args.data_config

@@ -141,7 +141,6 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 def check_structure_inputs(args: argparse.Namespace) -> None:
     """--controller and --structure-video: both given, readable, and fitting the model and the sampling size."""
     from megatron_video.control.export import controller_metadata
-    from megatron_video.control.signals import check_signal_source
 
     if args.controller is None or args.structure_video is None:
         raise SampleInputError("structure control needs both --controller and --structure-video")
@@ -154,33 +153,46 @@ def check_structure_inputs(args: argparse.Namespace) -> None:
         metadata, control = controller_metadata(args.controller)
     except ValueError as exc:
         raise SampleInputError(f"--controller: {exc}") from exc
-    factors = vae_factors(args.stand_in_vae, args.vae_config)
-    latent = latent_size(args.model_config, factors, args.num_frames, args.height, args.width)[1:]
-    if control.pixel_shape(latent) != (args.num_frames, args.height, args.width):
-        raise SampleInputError(f"--controller downsamples {control.temporal_downsample}x in time and "
-                               f"{control.spatial_downsample}x in space, the VAE {factors[0]}x and {factors[1]}x")
-    if not args.structure_video.endswith(".safetensors"):
+    check_structure_fit(control, "--controller", metadata["signal"], args.model_config,
+                        vae_factors(args.stand_in_vae, args.vae_config), (args.num_frames, args.height, args.width),
+                        args.structure_video, "--structure-video", args.structure_model, args.structure_sketch_arch)
+
+
+def check_structure_fit(control: Any, control_flag: str, kind: str, cfg: Any, factors: tuple[int, int],
+                        shape: tuple[int, int, int], source: str, source_flag: str, structure_model: str | None,
+                        sketch_arch: str | None) -> None:
+    """A structure controller samples at `shape` (T, H, W): its folding must give the sampling VAE's latent, and
+    a video `source` needs its signal's model here (a .safetensors source holds the signal computed)."""
+    from megatron_video.control.signals import check_signal_source
+
+    latent = latent_size(cfg, factors, *shape)[1:]
+    if control.pixel_shape(latent) != tuple(shape):
+        raise SampleInputError(f"the controller folds {control.temporal_downsample}x in time and "
+                               f"{control.spatial_downsample}x in space ({control_flag}), the sampling VAE "
+                               f"{factors[0]}x and {factors[1]}x")
+    if not source.endswith(".safetensors"):
         try:
-            check_signal_source(metadata["signal"], args.structure_model, args.structure_sketch_arch)
+            check_signal_source(kind, structure_model, sketch_arch)
         except ValueError as exc:
-            raise SampleInputError(str(exc)) from exc
+            raise SampleInputError(f"{source_flag}: {exc}") from exc
 
 
-def structure_signal(args: argparse.Namespace, kind: str, device: torch.device) -> torch.Tensor:
-    """The controller's input (1, 1, T, H, W) in [0, 1] from --structure-video."""
+def structure_signal(source: str, kind: str, shape: tuple[int, int, int], structure_model: str | None,
+                     sketch_arch: str | None, device: torch.device, flag: str = "--structure-video") -> torch.Tensor:
+    """The controller's input (1, 1, T, H, W) in [0, 1] from `source`: a video of `shape` (T, H, W), whose
+    signal is extracted, or a .safetensors file holding the computed uint8 `structure` (1, T, H, W)."""
     from megatron_video.control.signals import from_levels, signal_extractor
 
-    if args.structure_video.endswith(".safetensors"):
+    if source.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        levels = load_file(args.structure_video).get("structure")
-        expected = (1, args.num_frames, args.height, args.width)
+        levels = load_file(source).get("structure")
+        expected = (1, *shape)
         if levels is None or levels.dtype != torch.uint8 or tuple(levels.shape) != expected:
-            raise SampleInputError(f"--structure-video {args.structure_video}: needs a uint8 `structure` tensor of "
-                                   f"shape {expected}")
+            raise SampleInputError(f"{flag} {source}: needs a uint8 `structure` tensor of shape {expected}")
         return from_levels(levels[None]).to(device)
-    video = read_condition_video(args.structure_video, args.num_frames, args.height, args.width).to(device)
-    extract = signal_extractor(kind, args.structure_model, args.structure_sketch_arch)
+    video = read_condition_video(source, *shape).to(device)
+    extract = signal_extractor(kind, structure_model, sketch_arch)
     return from_levels(extract(video)).to(device)
 
 
@@ -359,7 +371,9 @@ def run(args: argparse.Namespace, prompts: list[str], negatives: list[str]) -> l
         metadata, control, tensors = read_controller_file(args.controller)
         module = ControlledSUV(module, control).to(device)
         load_controller_weights(module.controller, tensors)
-        structure = structure_signal(args, metadata["signal"], device)
+        structure = structure_signal(args.structure_video, metadata["signal"],
+                                     (args.num_frames, args.height, args.width), args.structure_model,
+                                     args.structure_sketch_arch, device)
 
     latent = latent_size(cfg, vae_factors(args.stand_in_vae, args.vae_config), args.num_frames, args.height,
                          args.width)

@@ -22,9 +22,11 @@ from megatron_video.sampling.cli import (
     SampleInputError,
     build_vae,
     check_shape,
+    check_structure_fit,
     latent_size,
     read_condition_video,
     read_lines,
+    structure_signal,
     task_condition,
     text_encoder,
     vae_factors,
@@ -94,18 +96,10 @@ def check_sample_args(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def structure_source(args: argparse.Namespace) -> argparse.Namespace:
-    """The sampling CLI's structure flags for --sample-structure-video at the training-time sample size."""
-    t, h, w = sample_shape(args)
-    return argparse.Namespace(structure_video=args.sample_structure_video, num_frames=t, height=h, width=w,
-                              structure_model=args.structure_model, structure_sketch_arch=args.structure_sketch_arch)
-
-
 def check_structure_sample_args(args: argparse.Namespace, factors: tuple[int, int]) -> None:
     """A controller run's samples follow --sample-structure-video: present, of a size the controller folds to the
     sample latent, its signal computable here (a video needs the signal's model, even when training reads
     signals from a feature cache)."""
-    from megatron_video.control.signals import check_signal_source
     from megatron_video.control.training import control_config
 
     path = args.sample_structure_video
@@ -114,18 +108,9 @@ def check_structure_sample_args(args: argparse.Namespace, factors: tuple[int, in
                                "structure every sample follows)")
     if not Path(path).is_file():
         raise SampleInputError(f"--sample-structure-video: file not found: {path}")
-    shape = sample_shape(args)
-    latent = latent_size(args.model_config, factors, *shape)[1:]
-    control = control_config(args)
-    if control.pixel_shape(latent) != shape:
-        raise SampleInputError(f"the controller folds {control.temporal_downsample}x in time and "
-                               f"{control.spatial_downsample}x in space (--control-*-downsample), the sampling VAE "
-                               f"{factors[0]}x and {factors[1]}x")
-    if not path.endswith(".safetensors"):
-        try:
-            check_signal_source(args.structure_signal, args.structure_model, args.structure_sketch_arch)
-        except ValueError as exc:
-            raise SampleInputError(f"--sample-structure-video: {exc}") from exc
+    check_structure_fit(control_config(args), "--control-*-downsample", args.structure_signal, args.model_config,
+                        factors, sample_shape(args), path, "--sample-structure-video", args.structure_model,
+                        args.structure_sketch_arch)
 
 
 def check_inpaint_sample_args(args: argparse.Namespace, temporal_factor: int) -> None:
@@ -166,9 +151,9 @@ class TrainingSampler:
                                             chunk_size=args.vae_chunk_size)
         self.structure = None
         if getattr(args, "structure_signal", None) is not None:  # a structure controller on its frozen base
-            from megatron_video.sampling.cli import structure_signal
-
-            self.structure = structure_signal(structure_source(args), args.structure_signal, device)
+            self.structure = structure_signal(args.sample_structure_video, args.structure_signal, sample_shape(args),
+                                              args.structure_model, args.structure_sketch_arch, device,
+                                              "--sample-structure-video")
         self.fps = args.data_config.shape.fps
 
     def due(self, iteration: int) -> bool:
@@ -201,4 +186,4 @@ class TrainingSampler:
 
 
 __all__ = ["TrainingSampler", "add_training_sample_args", "check_inpaint_sample_args", "check_sample_args",
-           "check_structure_sample_args", "sample_shape", "structure_source"]
+           "check_structure_sample_args", "sample_shape"]

@@ -18,7 +18,7 @@ def video_tokens(latent_thw: Sequence[int], patch: int = 2) -> int:
 
 
 def training_flops_per_sample(
-    num_params: int, hidden_size: int, block_sparsity: Sequence[int], num_video_tokens: int, num_text_tokens: int,
+    num_params: int, hidden_size: int, block_sparsity: Sequence[float], num_video_tokens: int, num_text_tokens: int,
     frozen_params: int = 0,
 ) -> float:
     """`frozen_params` of the `num_params` take no weight gradients; `block_sparsity` has one k per attention

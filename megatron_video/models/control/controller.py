@@ -54,12 +54,16 @@ class ControlConfig:
         if self.hidden_size is not None and self.hidden_size < 1:
             raise ValueError(f"hidden_size must be >= 1, got {self.hidden_size}")
 
-    def width(self, cfg: SUVConfig) -> int:
-        """The encoder's width for the base `cfg` (ValueError if it does not fit the base's heads)."""
+    def width(self, cfg: SUVConfig, tensor_parallel: int = 1) -> int:
+        """The encoder's width for the base `cfg` (ValueError if it does not fit the base's heads, or its heads
+        do not split over `tensor_parallel` ranks)."""
         width = self.hidden_size or cfg.hidden_size
         if width % cfg.head_dim or width > cfg.hidden_size:
             raise ValueError(f"the controller's hidden size {width} must be a multiple of the base's head size "
                              f"{cfg.head_dim} and at most the base's hidden size {cfg.hidden_size}")
+        if (width // cfg.head_dim) % tensor_parallel:
+            raise ValueError(f"the controller's hidden size {width} gives {width // cfg.head_dim} heads; its "
+                             f"heads do not split over --tensor-model-parallel-size {tensor_parallel}")
         return width
 
     def pixel_shape(self, latent_thw: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -86,7 +90,8 @@ class StructureEncoder(nn.Module):
     def __init__(self, control: ControlConfig, cfg: SUVConfig, config: ModelParallelConfig) -> None:
         super().__init__()
         dtype, ch = config.params_dtype, control.conv_channels
-        self.control, self.patch, self.width = control, cfg.patch_size, control.width(cfg)
+        self.control, self.patch = control, cfg.patch_size
+        self.width = control.width(cfg, config.tensor_model_parallel_size)
         narrow = self.width < cfg.hidden_size
         folded = control.signal_channels * control.temporal_downsample * control.spatial_downsample ** 2
         self.conv_in = nn.Conv3d(folded, ch, 1, dtype=dtype)
@@ -98,9 +103,6 @@ class StructureEncoder(nn.Module):
         # K dense SUV blocks on whole sequences (the controller is small: no sequence parallelism inside it)
         local = without_sequence_parallel(config)
         block_cfg = cfg.replace(num_heads=self.width // cfg.head_dim) if narrow else cfg
-        if block_cfg.num_heads % config.tensor_model_parallel_size:
-            raise ValueError(f"the controller's {block_cfg.num_heads} heads (hidden size {self.width}) do not split "
-                             f"over tensor parallel size {config.tensor_model_parallel_size}")
         k = control.num_blocks
         self.blocks = nn.ModuleList(
             SUVBlock(block_cfg, local, BlockSpec(index=i, stage=0, index_in_stage=i, k=1, mode="full",

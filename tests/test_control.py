@@ -123,18 +123,70 @@ def test_sampling_with_a_structure_signal(small):
     assert not torch.allclose(run(model, structure=batch["structure"]), base)
 
 
-def test_space_to_depth_gives_the_first_frame_a_latent_frame_of_its_own():
-    """As the causal video VAE: pixel frames 1 + 2m -> latent frames 1 + m, frame 0 alone in latent frame 0."""
-    from megatron_video.models.control.controller import space_to_depth
+def test_compiled_blocks_run_in_the_encoder_too(small):
+    """A base built with compiled elementwise regions (--compile) hands them to the encoder's blocks; with the
+    "aot_eager" backend (captured graphs run by eager kernels, as tests/test_suv_elementwise.py) the controlled
+    model's loss and controller gradients equal eager to 1e-6 relative (a decomposed graph may sum in another
+    order)."""
+    import torch._dynamo
 
-    video = torch.randn(1, 1, 5, 4, 6)
-    out = space_to_depth(video, 2, 2)
-    assert out.shape == (1, 8, 3, 2, 3)
+    from megatron_video.models.control import ControlledSUV
+    from megatron_video.models.suv_mmdit import SUVMMDiT
+    from megatron_video.models.suv_mmdit.elementwise import EAGER
+
+    cfg, config = small
+    torch._dynamo.reset()
+    batch = _batch(cfg)
+    target, structure = batch.pop("target"), batch.pop("structure")
+    results = []
+    for backend in (None, "aot_eager"):
+        model = ControlledSUV(SUVMMDiT(cfg, config, init_seed=5, compile_backend=backend), _control_cfg(32))
+        with torch.no_grad():
+            for linear in model.controller.projector.linears.values():  # let gradients reach the encoder
+                linear.weight.copy_(torch.linspace(-0.05, 0.05, linear.weight.numel()).view_as(linear.weight))
+        assert (model.base.block_ops is EAGER) == (backend is None)
+        assert all(block.ops is model.base.block_ops for block in model.controller.encoder.blocks)
+        loss = ((model(**batch, structure=structure) - target) ** 2).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.controller.named_parameters()}))
+    (eager_loss, eager_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
+    assert grads["encoder.blocks.0.attn.to_q.weight"].abs().max() > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _space_to_depth(video: torch.Tensor, ft: int, fs: int) -> torch.Tensor:
+    """The folding written out: frame 0 padded in front by ft - 1 copies of itself, then (c, ft, fs, fs) blocks
+    moved into channels."""
+    b, c, t, h, w = video.shape
+    video = torch.cat([video[:, :, :1].expand(b, c, ft - 1, h, w), video], dim=2)
+    x = video.reshape(b, c, (t + ft - 1) // ft, ft, h // fs, fs, w // fs, fs)
+    return x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * ft * fs * fs, (t + ft - 1) // ft, h // fs, w // fs)
+
+
+def test_folding_to_the_latent_grid_is_a_space_to_depth_then_a_pointwise_convolution():
+    """As the causal video VAE: pixel frames 1 + 2m -> latent frames 1 + m, frame 0 alone in latent frame 0. The
+    strided form the encoder runs equals the 1x1x1 convolution of the folded video, in value and gradients."""
+    from megatron_video.models.control.controller import fold_to_latent_grid
+
+    torch.manual_seed(0)
+    video = torch.randn(2, 3, 5, 4, 6, dtype=torch.float64)
+    folded = _space_to_depth(video, 2, 2)
+    assert folded.shape == (2, 24, 3, 2, 3)
+    assert sorted(folded[0, :8, 2].flatten().tolist()) == sorted(video[0, 0, 3:5].flatten().tolist())
+    conv = torch.nn.Conv3d(24, 5, 1, dtype=torch.float64)
+    out = fold_to_latent_grid(video, conv, 2, 2)
+    torch.testing.assert_close(out, conv(folded), rtol=1e-12, atol=1e-12)
     changed = video.clone()
     changed[:, :, 1:] += 1.0
-    assert torch.equal(space_to_depth(changed, 2, 2)[:, :, 0], out[:, :, 0])
-    assert not torch.equal(space_to_depth(changed, 2, 2)[:, :, 1:], out[:, :, 1:])
-    assert sorted(out[0, :, 2].flatten().tolist()) == sorted(video[0, 0, 3:5].flatten().tolist())
+    assert torch.equal(fold_to_latent_grid(changed, conv, 2, 2)[:, :, 0], out[:, :, 0])
+    assert not torch.allclose(fold_to_latent_grid(changed, conv, 2, 2)[:, :, 1:], out[:, :, 1:])
+    upstream = torch.randn_like(out)
+    strided = torch.autograd.grad((out * upstream).sum(), [conv.weight, conv.bias])
+    reference = torch.autograd.grad((conv(folded) * upstream).sum(), [conv.weight, conv.bias])
+    for got, want in zip(strided, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------- multi-rank

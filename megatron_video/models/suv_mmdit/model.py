@@ -393,10 +393,11 @@ class SUVMMDiT(nn.Module):
             self.time_text_embed = TimeTextEmbed(cfg, dtype)
             self.caption_projection = nn.Linear(cfg.caption_channels, cfg.hidden_size, dtype=dtype)
         specs = cfg.block_specs()
+        self.block_ops = block_elementwise(compile_backend)  # also what a controller's blocks run (models/control)
         blocks = []
         for i in self.stage.blocks:
             part(1 + i)
-            blocks.append(SUVBlock(cfg, config, specs[i], block_elementwise(compile_backend)))
+            blocks.append(SUVBlock(cfg, config, specs[i], self.block_ops))
         self.blocks = BlockStack(blocks)
         if self.post_process:
             part(1 + cfg.num_blocks)

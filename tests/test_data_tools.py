@@ -38,3 +38,32 @@ def test_make_sample_dataset_cli(tmp_path: Path, capsys: object) -> None:
     load_tool("make_sample_dataset").main(["--out", str(again), "--num-videos", "9", "--num-images", "3",
                                            "--seed", "4"])
     assert (again / "video_annotations.json").read_text() == (out / "video_annotations.json").read_text()
+
+
+def test_make_sample_dataset_for_one_clip_size(tmp_path: Path) -> None:
+    """--clip H W FRAMES FPS: every video exactly that (decoded), uncut and uncropped, images at that size;
+    a clip of one frame is refused."""
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    tool = load_tool("make_sample_dataset")
+    out = tmp_path / "clip"
+    args = ["--out", str(out), "--num-videos", "8", "--num-images", "2", "--clip", "32", "48", "9", "8"]
+    assert tool.main(args) == 0
+    meta = load_metadata(str(out / "data.txt"))
+    entries = json.loads((out / "video_annotations.json").read_text())
+    assert not any("cut" in e or "crop" in e for e in entries)
+    for i in range(8):
+        r = meta.record(i)
+        assert (r.height, r.width, r.num_frames, r.fps) == (32, 48, 9, 8)
+        with av.open(r.path) as c:
+            frames = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+        assert len(frames) == 9 and frames[0].shape == (32, 48, 3)
+        # the shape covers a quarter-side radius: many pixels differ from the background corner
+        assert (np.abs(frames[4].astype(int) - frames[4][0, 0].astype(int)).sum(-1) > 60).sum() > 100
+    for i in range(8, 10):
+        with Image.open(meta.record(i).path) as image:
+            assert image.size == (48, 32)
+    with pytest.raises(SystemExit):
+        tool.main(["--out", str(tmp_path / "bad"), "--clip", "32", "32", "1", "8"])

@@ -5,7 +5,8 @@ training moves both towards the data.
 Criterion (measured, not hard-coded): between the first evaluation (after EARLY iterations) and the last, the
 held-out evaluation loss falls by more than 10 %, and the samples' colour statistics (the mean RGB of each frame)
 and motion statistic (mean absolute frame difference) move closer to the held-out videos'. The 15-minute example
-runs the same pipeline long enough that the samples show the moving shapes."""
+runs the same pipeline long enough that the samples show the moving shapes, on a set made for its one clip size
+(`make_sample_dataset.py --clip`); this test reads the varied default set, resized to that size."""
 
 from __future__ import annotations
 

@@ -65,7 +65,11 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
             out.mux(packet)
 
 
-def make(out: Path, num_videos: int = 16, num_images: int = 6, seed: int = 0) -> dict[str, int]:
+def make(out: Path, num_videos: int = 16, num_images: int = 6, seed: int = 0,
+         clip: tuple[int, int, int, int] | None = None) -> dict[str, int]:
+    """`clip` (height, width, frames, fps): every video exactly that, with no cut or crop, and every shape
+    larger (radius a quarter of the short side), so that a training run at that size reads whole clips
+    unresized and each caption names the one video it belongs to; None: varied sizes, durations and rates."""
     rng = np.random.default_rng(seed)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -79,7 +83,10 @@ def make(out: Path, num_videos: int = 16, num_images: int = 6, seed: int = 0) ->
         direction = list(DIRECTIONS)[i % len(DIRECTIONS)]
         dx, dy = DIRECTIONS[direction]
         r = min(h, w) * 0.15
-        x0, y0 = (w / 2 - dx * w * 0.35), (h / 2 - dy * h * 0.35)
+        if clip is not None:
+            h, w, n, fps = clip
+            r = min(h, w) * 0.25
+        x0, y0 = (w / 2 - dx * w * 0.35), (h / 2 - dy * h * 0.35)  # the centre crosses 70 % of the frame
         frames = [draw(h, w, BACKGROUNDS[bg_name], COLOURS[fg_name], shape,
                        x0 + dx * w * 0.7 * k / max(n - 1, 1), y0 + dy * h * 0.7 * k / max(n - 1, 1), r)
                   for k in range(n)]
@@ -91,13 +98,13 @@ def make(out: Path, num_videos: int = 16, num_images: int = 6, seed: int = 0) ->
         entry = {"path": name, "cap": caps, "resolution": {"height": h, "width": w}, "num_frames": n,
                  "fps": fps,
                  "aes": round(float(rng.uniform(4.0, 7.0)), 2), "motion": round(speed, 2), "camera": "static"}
-        if i % 5 == 1:
+        if i % 5 == 1 and clip is None:
             entry["cut"] = [1, n - 1]
-        if i % 7 == 3:
+        if i % 7 == 3 and clip is None:
             entry["crop"] = [4, w - 4, 2, h - 2]
         videos.append(entry)
     for i in progress(range(num_images), desc="sample images", unit="image"):
-        h, w = RESOLUTIONS[(i + 2) % len(RESOLUTIONS)]
+        h, w = RESOLUTIONS[(i + 2) % len(RESOLUTIONS)] if clip is None else clip[:2]
         fg_name, bg_name = rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS))
         shape = ["square", "circle"][i % 2]
         img = draw(h, w, BACKGROUNDS[bg_name], COLOURS[fg_name], shape, w / 2, h / 2, min(h, w) * 0.25)
@@ -123,11 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-videos", type=int, default=16)
     p.add_argument("--num-images", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip", type=int, nargs=4, metavar=("HEIGHT", "WIDTH", "FRAMES", "FPS"),
+                   help="every video exactly this size, length and rate, with larger shapes and no cut or crop "
+                        "(a data set for one training size; default: varied)")
     a = p.parse_args(argv)
     if a.num_videos < 0 or a.num_images < 0 or a.num_videos + a.num_images == 0:
         p.error("--num-videos/--num-images must be >= 0 and not both 0")
+    if a.clip is not None and (min(a.clip) < 1 or a.clip[2] < 2):
+        p.error(f"--clip needs a positive size and rate and at least 2 frames, got {' '.join(map(str, a.clip))}")
     t0 = time.perf_counter()
-    counts = make(a.out, a.num_videos, a.num_images, a.seed)
+    counts = make(a.out, a.num_videos, a.num_images, a.seed, tuple(a.clip) if a.clip else None)
     print(f"wrote {counts['videos']} videos and {counts['images']} images to {a.out} "
           f"in {time.perf_counter() - t0:.1f} s; metadata: {a.out / 'data.txt'}")
     return 0

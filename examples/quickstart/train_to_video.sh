@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# From nothing to videos you can open, on a CPU machine: 9 min 35 s end to end on 2 free cores (2 ranks,
-# defaults; measured 2026-12-04; it prints its own time at the end). At 1,300 iterations the held-out eval loss
-# (EMA weights) is ~0.10 (0.13 at iteration 650), and the samples have the prompt's background, flat and clean,
-# with a blob of the prompt's colour that moves across the frames, in two of the three prompts roughly in the
-# prompt's direction. The blobs are not yet clean circles or squares: they split and jump between frames.
+# From nothing to videos you can open, on a CPU machine: 11 min 1 s end to end on 2 cores (2 ranks, defaults;
+# measured 2026-12-04; it prints its own time at the end). At 1,300 iterations the held-out eval loss (EMA
+# weights) is 0.082 (0.128 at iteration 650). The samples (docs/images/train_to_video_samples.png, one row per
+# prompt) have the prompt's background and a shape of its colour that travels its way: the yellow circle reads
+# as a circle in the middle frames, the red one is a red block crossing from the left, the blue square grows
+# down from the top. The first and last frames still break into blocks.
 # sample data (moving coloured shapes) + a held-out set -> feature cache in the space-to-depth stand-in latent
 # space (NOT a learned VAE: 4x4 pixel blocks become 48 channels, exactly invertible; no WF-VAE weights can be
 # had here) -> train the small SUV preset, with the evaluation loss on the held-out set and sample videos in
@@ -25,8 +26,9 @@ ENCODERS=megatron_video.models.space_to_depth:quickstart_encoders
 SHAPE="shape: {resolution_mode: forced, height: 32, width: 32, num_frames: 9, min_num_frames: 9, fps: 8}"
 
 echo "== 1/4 sample data and a held-out set -> $OUT/data, $OUT/heldout"
-"$PYTHON" tools/make_sample_dataset.py --out "$OUT/data"
-"$PYTHON" tools/make_sample_dataset.py --out "$OUT/heldout" --num-videos 8 --num-images 0 --seed 1
+# --clip: every clip 32x32, 9 frames at 8 fps, the training size read whole (no resizing, no frame sampling)
+"$PYTHON" tools/make_sample_dataset.py --out "$OUT/data" --num-videos 64 --clip 32 32 9 8
+"$PYTHON" tools/make_sample_dataset.py --out "$OUT/heldout" --num-videos 8 --num-images 0 --seed 1 --clip 32 32 9 8
 for part in data heldout; do
     printf 'metadata_paths: ["%s"]\n%s\nnum_workers: 0\n' "$OUT/$part/data.txt" "$SHAPE" > "$OUT/$part.yaml"
 done

@@ -80,7 +80,7 @@ def fold_to_latent_grid(video: Tensor, conv: nn.Conv3d, ft: int, fs: int) -> Ten
 
     Computed as the equivalent strided convolution over the pixels, with the kernel as a (C, ft, fs, fs) view of
     the folded weight and the first frame's taps summed over time: the same linear map without materialising the
-    folded video, and about 10x faster on CPU than folding then convolving (bench/bench_control.py)."""
+    folded video (on CPU several times cheaper than folding, then convolving: docs/PERFORMANCE.md)."""
     b, c = video.shape[:2]
     kernel = conv.weight.view(conv.out_channels, c, ft, fs, fs)
     first = F.conv2d(video[:, :, 0], kernel.sum(2), conv.bias, stride=fs).unsqueeze(2)
@@ -90,9 +90,9 @@ def fold_to_latent_grid(video: Tensor, conv: nn.Conv3d, ft: int, fs: int) -> Ten
 
 class StructureEncoder(nn.Module):
     """E: structure video (B, C, T, H, W) -> R (N, B, width), tokens in the base's (t, h, w) order.
-    The downsampling is a space-to-depth to the latent grid followed by a 1x1x1 and a 3x3x3 convolution (one
-    linear map per latent pixel at pixel rate: at small models a conv stack at pixel resolution costs more than
-    the whole denoiser), then the base's patch size as a strided convolution."""
+    The downsampling folds the signal to the latent grid (space-to-depth and a 1x1x1 convolution, run as one
+    strided convolution: `fold_to_latent_grid`), then a 3x3x3 convolution and the base's patch size as a strided
+    convolution. No convolution stack at pixel resolution: at small models it costs more than the whole denoiser."""
 
     def __init__(self, control: ControlConfig, cfg: SUVConfig, config: ModelParallelConfig,
                  ops: BlockElementwise = EAGER) -> None:
@@ -103,7 +103,7 @@ class StructureEncoder(nn.Module):
         self.width = control.width(cfg, config.tensor_model_parallel_size)
         narrow = self.width < cfg.hidden_size
         folded = control.signal_channels * control.temporal_downsample * control.spatial_downsample ** 2
-        self.conv_in = nn.Conv3d(folded, ch, 1, dtype=dtype)
+        self.conv_in = nn.Conv3d(folded, ch, 1, dtype=dtype)  # over the folded channels (fold_to_latent_grid)
         self.conv_mid = nn.Conv3d(ch, ch, 3, padding=1, dtype=dtype)
         p = cfg.patch_size
         self.patch_embed = nn.Conv3d(ch, self.width, (1, p, p), stride=(1, p, p), dtype=dtype)
@@ -125,9 +125,9 @@ class StructureEncoder(nn.Module):
         if signal.dim() != 5 or signal.shape[1] != self.control.signal_channels or tuple(signal.shape[2:]) != expected:
             raise ValueError(f"structure signal must be (B, {self.control.signal_channels}, *{expected}) for this "
                              f"latent, got {tuple(signal.shape)}")
-        folded = fold_to_latent_grid(signal.to(self.conv_in.weight.dtype), self.conv_in,
-                                     self.control.temporal_downsample, self.control.spatial_downsample)
-        h = F.silu(self.conv_mid(F.silu(folded)))
+        h = fold_to_latent_grid(signal.to(self.conv_in.weight.dtype), self.conv_in,
+                                self.control.temporal_downsample, self.control.spatial_downsample)
+        h = F.silu(self.conv_mid(F.silu(h)))
         tokens = self.patch_embed(h)  # (B, D, t, h', w')
         r = tokens.flatten(2).permute(2, 0, 1)  # (N, B, D), (t, h, w) order
         if self.text_in is not None:

@@ -106,8 +106,7 @@ def main() -> None:
     n_ctrl = sum(p.numel() for p in controlled.controller.parameters())
     print(f"preset {opts.preset}, latent {tuple(opts.shape)} x batch {b}, structure {tuple(structure.shape[2:])}, "
           f"K = {opts.num_blocks}, encoder width {control.width(cfg)} (base {cfg.hidden_size}), "
-          f"{opts.threads} threads, "
-          f"compile {opts.compile}")
+          f"{opts.threads} threads, compile {opts.compile}")
     print(f"parameters: base {n_base / 1e6:.3f} M, controller {n_ctrl / 1e6:.3f} M ({n_ctrl / n_base:.1%})")
     print(f"frozen base forward + backward {frozen_step * 1e3:8.1f} ms")
     print(f"controlled step (base frozen)  {controlled_step * 1e3:8.1f} ms")

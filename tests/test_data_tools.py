@@ -42,7 +42,7 @@ def test_make_sample_dataset_cli(tmp_path: Path, capsys: object) -> None:
 
 def test_make_sample_dataset_for_one_clip_size(tmp_path: Path) -> None:
     """--clip H W FRAMES FPS: every video exactly that (decoded), uncut and uncropped, images at that size;
-    a clip of one frame is refused."""
+    a clip of one frame or of an odd size is refused before anything is written."""
     import numpy as np
     import pytest
     from PIL import Image
@@ -65,5 +65,7 @@ def test_make_sample_dataset_for_one_clip_size(tmp_path: Path) -> None:
     for i in range(8, 10):
         with Image.open(meta.record(i).path) as image:
             assert image.size == (48, 32)
-    with pytest.raises(SystemExit):
-        tool.main(["--out", str(tmp_path / "bad"), "--clip", "32", "32", "1", "8"])
+    for bad in (["32", "32", "1", "8"], ["33", "32", "9", "8"]):
+        with pytest.raises(SystemExit):
+            tool.main(["--out", str(tmp_path / "bad"), "--clip", *bad])
+        assert not (tmp_path / "bad").exists()

@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.num_videos < 0 or a.num_images < 0 or a.num_videos + a.num_images == 0:
         p.error("--num-videos/--num-images must be >= 0 and not both 0")
-    if a.clip is not None and (min(a.clip) < 1 or a.clip[2] < 2):
-        p.error(f"--clip needs a positive size and rate and at least 2 frames, got {' '.join(map(str, a.clip))}")
+    if a.clip is not None and (min(a.clip) < 1 or a.clip[2] < 2 or a.clip[0] % 2 or a.clip[1] % 2):
+        p.error("--clip needs an even height and width (H.264 in 4:2:0), a positive rate and at least 2 frames, "
+                f"got {' '.join(map(str, a.clip))}")
     t0 = time.perf_counter()
     counts = make(a.out, a.num_videos, a.num_images, a.seed, tuple(a.clip) if a.clip else None)
     print(f"wrote {counts['videos']} videos and {counts['images']} images to {a.out} "

@@ -3,8 +3,8 @@
 # measured 2026-12-04; it prints its own time at the end). At 1,300 iterations the held-out eval loss (EMA
 # weights) is 0.082 (0.128 at iteration 650). The samples (docs/images/train_to_video_samples.png, one row per
 # prompt) have the prompt's background and a shape of its colour that travels its way: the yellow circle reads
-# as a circle in the middle frames, the red one is a red block crossing from the left, the blue square grows
-# down from the top. The first and last frames still break into blocks.
+# as a circle in the middle frames, the red one is a red block moving in from the left to the middle, the blue
+# square grows down from the top. The first and last frames still break into blocks.
 # sample data (moving coloured shapes) + a held-out set -> feature cache in the space-to-depth stand-in latent
 # space (NOT a learned VAE: 4x4 pixel blocks become 48 channels, exactly invertible; no WF-VAE weights can be
 # had here) -> train the small SUV preset, with the evaluation loss on the held-out set and sample videos in

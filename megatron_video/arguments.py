@@ -305,6 +305,12 @@ def validate_hyperparameters(args: argparse.Namespace) -> None:
     for flag in ("lr_warmup_iters", "clip_grad_ema_warmup_steps"):
         if getattr(args, flag) < 0:
             raise ArgumentError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.lr_decay_iters is not None and args.lr_decay_iters <= 0:
+        raise ArgumentError(f"--lr-decay-iters must be > 0, got {args.lr_decay_iters}")
+    decay = args.lr_decay_iters or args.train_iters
+    if decay is not None and args.lr_warmup_iters >= decay:  # megatron's scheduler warms up inside the decay
+        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} must be less than the learning-rate decay "
+                            f"length, {decay} iterations (--lr-decay-iters, default --train-iters)")
     if args.distributed_timeout_minutes <= 0 or args.peak_tflops < 0:
         raise ArgumentError("need --distributed-timeout-minutes > 0 and --peak-tflops >= 0")
 

@@ -195,6 +195,11 @@ def test_non_finite_float_flags_refused(flag: str, value: str):
     (("--adam-beta2", "1.0"), r"--adam-beta2 must be in \[0, 1\)"), (("--adam-eps", "0"), "--adam-eps > 0"),
     (("--lr-warmup-iters=-1",), "--lr-warmup-iters must be >= 0"),
     (("--clip-grad-ema-warmup-steps=-2",), "--clip-grad-ema-warmup-steps must be >= 0"),
+    # megatron's scheduler asserts a warm-up shorter than the decay: said here, before any rank starts
+    (("--train-iters", "2", "--lr-warmup-iters", "20"),
+     r"--lr-warmup-iters 20 must be less than the learning-rate decay length, 2 iterations"),
+    (("--train-iters", "50", "--lr-decay-iters", "10", "--lr-warmup-iters", "10"), "decay length, 10 iterations"),
+    (("--train-iters", "50", "--lr-decay-iters", "0"), "--lr-decay-iters must be > 0"),
 ])
 def test_hyperparameter_ranges_checked_before_start(argv, message):
     with pytest.raises(ArgumentError, match=message):

@@ -187,6 +187,26 @@ def test_folding_to_the_latent_grid_is_a_space_to_depth_then_a_pointwise_convolu
     reference = torch.autograd.grad((conv(folded) * upstream).sum(), [conv.weight, conv.bias])
     for got, want in zip(strided, reference, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    image = video[:, :, :1]  # one frame: one latent frame, as the VAE encodes an image
+    torch.testing.assert_close(fold_to_latent_grid(image, conv, 2, 2), conv(_space_to_depth(image, 2, 2)),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_images_train_through_the_controller(small):
+    """A batch of images (one latent frame; their structure signal one pixel frame) trains the controller: image
+    and video buckets share a training run."""
+    from tests.cp_fixtures import make_inputs
+
+    cfg, config = small
+    model = _controlled(cfg, config)
+    batch = make_inputs(cfg, (1, 6, 4), 1)
+    target = batch.pop("target")
+    structure = torch.rand(2, 1, *_control_cfg().pixel_shape((1, 6, 4)), generator=torch.Generator().manual_seed(2))
+    assert structure.shape[2] == 1
+    for linear in model.controller.projector.linears.values():  # non-zero, so that the encoder gets gradients
+        torch.nn.init.normal_(linear.weight, 0.0, 0.05)
+    ((model(**batch, structure=structure) - target) ** 2).mean().backward()
+    assert model.controller.encoder.conv_in.weight.grad.abs().max() > 0
 
 
 # ------------------------------------------------------------------------------------------- multi-rank

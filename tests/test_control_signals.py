@@ -35,11 +35,25 @@ def test_canny_finds_the_square_outline_one_pixel_thin():
 
 
 def test_canny_thresholds_drop_faint_edges():
-    faint = _square_video() * 0.2  # a step of 0.16: blurred gradient below the low threshold 0.1
+    faint = _square_video() * 0.1  # a step of 20 levels: |Sobel| 80 on the sides, 120 at corners, under 200
     assert canny(faint).sum() == 0
-    assert canny(faint, low=0.02, high=0.04).sum() > 0
+    assert canny(faint, low=40, high=100).sum() > 0
     with pytest.raises(ValueError, match="low <= high"):
-        canny(faint, low=0.3, high=0.1)
+        canny(faint, low=300, high=100)
+
+
+@pytest.mark.parametrize(("step", "edges"), [(50, False), (51, True)])
+def test_canny_defaults_cut_where_opencv_canny_100_200_cuts(step: int, edges: bool):
+    """cv2.Canny(grey, 100, 200) on a sharp vertical step of d levels: both sides have |Sobel| = 4 d, an edge only
+    above 200 (strict, as OpenCV compares), so 51 levels make one and 50 do not; the edge is one pixel wide, on the
+    step's first side (OpenCV's tie-breaking). Exact: the integer gradients of 8-bit frames are exact in float."""
+    video = torch.full((1, 1, 1, 16, 16), 60 / 255)
+    video[..., 8:] = (60 + step) / 255
+    found = canny(video)[0, 0, 0]
+    if not edges:
+        assert found.sum() == 0
+        return
+    assert found[:, 7].all() and found.sum() == 16  # the column before the step, every row
 
 
 def test_hysteresis_keeps_weak_pixels_connected_to_strong_ones():

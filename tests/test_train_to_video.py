@@ -12,10 +12,7 @@ long enough that the samples show the moving shapes, on a set made for its one c
 from __future__ import annotations
 
 import io
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ import pytest
 import yaml
 
 from megatron_video.parallel.spawn import free_port
+from tests.quickstart_fixtures import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 EARLY, ITERS = 10, 30
@@ -31,10 +29,7 @@ SHAPE = {"resolution_mode": "forced", "height": 32, "width": 32, "num_frames": 9
 
 
 def _run(*argv: str) -> str:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc.stdout + proc.stderr
+    return run_python(*argv, threads=2)
 
 
 def _gif_frames(data: bytes) -> np.ndarray:

@@ -19,6 +19,7 @@ OUT="${OUT:-outputs/train_to_video}"
 ITERS="${ITERS:-1300}"
 NPROC="${NPROC:-2}"
 THREADS="${THREADS:-1}"
+WARMUP=$((ITERS > 40 ? 20 : ITERS / 2))  # learning-rate warm-up, shorter than a short run
 PYTHON="${PYTHON:-python}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -48,7 +49,7 @@ echo "== 3/4 train $ITERS iterations ($NPROC rank(s)); eval loss and samples eve
 OMP_NUM_THREADS="$THREADS" "$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" \
     --master-port "${MASTER_PORT:-29527}" pretrain_t2v.py --device cpu \
     --model-config examples/quickstart/model.yaml --data-config "$OUT/data.yaml" \
-    --train-iters "$ITERS" --global-batch-size 4 --micro-batch-size 2 --lr 1e-3 --lr-warmup-iters 20 \
+    --train-iters "$ITERS" --global-batch-size 4 --micro-batch-size 2 --lr 1e-3 --lr-warmup-iters "$WARMUP" \
     --clip-grad 1.0 --ema-decay 0.98 --eval-interval $((ITERS / 2)) --eval-iters 8 --eval-ema \
     --sample-interval $((ITERS / 2)) --sample-prompts "$OUT/prompts.txt" --sample-encoders stub \
     --sample-stand-in-vae 4 --sample-num-steps 20 --sample-guidance-scale 2 \

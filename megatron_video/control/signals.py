@@ -1,8 +1,10 @@
 """Structure signals for the structure controller (models/control): one-channel maps in [0, 1] per frame.
 
 - canny: the Canny detector written in torch (neither OpenCV nor kornia is a dependency of this stack, and a
-  torch version runs batched on the training device): grey -> Gaussian blur -> Sobel -> non-maximum
-  suppression along the gradient direction -> double threshold -> hysteresis.
+  torch version runs batched on the training device): grey -> (optional Gaussian blur) -> Sobel -> non-maximum
+  suppression along the gradient direction -> double threshold -> hysteresis. Its defaults are OpenCV's
+  `cv2.Canny(image, 100, 200)` on 8-bit frames, the call ControlNet-style canny annotators make: no smoothing,
+  L1 gradient magnitude, the same thresholds and tie-breaking (OpenCV imgproc/src/canny.cpp).
 - depth: a MiDaS-style DPT network (transformers' `DPTForDepthEstimation`) read from a local directory.
 - sketch: a PiDiNet-style edge network: the caller builds the architecture, weights come from a local
   safetensors file.
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as OpenCV's RGB -> grey
+_LUMA = (4899 / 16384, 9617 / 16384, 1868 / 16384)  # ITU-R BT.601 in OpenCV's fixed point (RGB -> grey)
 
 
 def _frames(video: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -61,7 +63,9 @@ def sobel(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def non_max_suppression(magnitude: Tensor, gx: Tensor, gy: Tensor) -> Tensor:
     """Keep a pixel only where its magnitude is a maximum along the gradient direction (quantised to 0, 45,
-    90, 135 degrees); ties keep both, as the neighbours compare with >=."""
+    90, 135 degrees). Ties broken as OpenCV breaks them: strictly above the neighbour behind (left / up) and at
+    least the one ahead, so a sharp step, whose two sides have equal gradients, keeps one pixel, the first;
+    strictly above both on the diagonals."""
     angle = torch.rad2deg(torch.atan2(gy, gx)) % 180
     sector = (((angle + 22.5) // 45) % 4).long()  # 0: horizontal gradient, 1: 45, 2: vertical, 3: 135
     padded = F.pad(magnitude, (1, 1, 1, 1))
@@ -74,7 +78,8 @@ def non_max_suppression(magnitude: Tensor, gx: Tensor, gy: Tensor) -> Tensor:
     steps = [(0, 1), (1, 1), (1, 0), (1, -1)]
     keep = torch.zeros_like(magnitude, dtype=torch.bool)
     for s, (dy, dx) in enumerate(steps):
-        is_max = (magnitude >= shifted(dy, dx)) & (magnitude >= shifted(-dy, -dx))
+        ahead = magnitude > shifted(dy, dx) if dy and dx else magnitude >= shifted(dy, dx)  # diagonals: strict
+        is_max = ahead & (magnitude > shifted(-dy, -dx))
         keep |= (sector == s) & is_max
     return magnitude * keep
 
@@ -91,19 +96,28 @@ def hysteresis(strong: Tensor, weak: Tensor, max_iterations: int | None = None) 
     return edges
 
 
-def canny(video: Tensor, low: float = 0.1, high: float = 0.2, sigma: float = 1.0) -> Tensor:
+def canny(video: Tensor, low: float = 100.0, high: float = 200.0, sigma: float = 0.0,
+          l2_gradient: bool = False) -> Tensor:
     """Canny edges of an RGB (or grey) video in [0, 1]: (B, C, T, H, W) -> (B, 1, T, H, W) of 0 / 1.
-    `low` / `high`: hysteresis thresholds on the gradient magnitude (a ramp of slope s has magnitude s)."""
+    `low` / `high`: hysteresis thresholds in OpenCV's units, on the 3x3 Sobel of the 8-bit grey frame (a ramp
+    rising one level a pixel has magnitude 8; a sharp step of d levels, 4 d): a pixel above `high` starts an
+    edge, one above `low` continues it. `sigma` > 0 blurs first; `l2_gradient`: the magnitude is hypot(gx, gy),
+    not |gx| + |gy|. The defaults are `cv2.Canny(grey, 100, 200)`; on 8-bit grey frames the integer gradients
+    are exact in float, so the thresholds cut where OpenCV's do."""
     if not 0 <= low <= high:
         raise ValueError(f"canny thresholds need 0 <= low <= high, got {low}, {high}")
+    if sigma < 0:
+        raise ValueError(f"canny's blur sigma must be >= 0, got {sigma}")
     frames, bt = _frames(video.float())
     if frames.shape[1] == 3:
         frames = sum(weight * frames[:, i:i + 1] for i, weight in enumerate(_LUMA))
     elif frames.shape[1] != 1:
         raise ValueError(f"canny takes RGB or grey video, got {frames.shape[1]} channels")
-    gx, gy = sobel(_gaussian_blur(frames, sigma))
-    thin = non_max_suppression(torch.hypot(gx, gy), gx, gy)
-    edges = hysteresis(thin >= high, thin >= low)
+    grey = torch.floor(frames.clamp(0.0, 1.0) * 255 + 0.5)  # 8-bit levels, rounded as OpenCV's RGB -> grey
+    gx, gy = (8 * g for g in sobel(_gaussian_blur(grey, sigma) if sigma > 0 else grey))  # x 8: exact
+    magnitude = torch.hypot(gx, gy) if l2_gradient else gx.abs() + gy.abs()
+    thin = non_max_suppression(magnitude, gx, gy)
+    edges = hysteresis(thin > high, thin > low)
     return _video(edges.to(video.dtype if video.is_floating_point() else torch.float32), bt)
 
 

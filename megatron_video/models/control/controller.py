@@ -84,6 +84,8 @@ def fold_to_latent_grid(video: Tensor, conv: nn.Conv3d, ft: int, fs: int) -> Ten
     b, c = video.shape[:2]
     kernel = conv.weight.view(conv.out_channels, c, ft, fs, fs)
     first = F.conv2d(video[:, :, 0], kernel.sum(2), conv.bias, stride=fs).unsqueeze(2)
+    if video.shape[2] == 1:  # an image: its one frame is the whole latent (conv3d refuses zero frames)
+        return first
     rest = F.conv3d(video[:, :, 1:], kernel, conv.bias, stride=(ft, fs, fs))
     return torch.cat([first, rest], dim=2)
 

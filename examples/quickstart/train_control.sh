@@ -4,9 +4,8 @@
 # captions under their own canny edges with and without the controller (same seed), and scores how closely each
 # sample's edges follow the clip's (tools/structure_agreement.py). 3 min 5 s on 2 cores (2 ranks, defaults; measured
 # 2026-12-05 on train_to_video.sh's 1,300-iteration base). Edge F1, base -> controlled: clip 0 (yellow circle on
-# olive) 0.36 -> 0.68, clip 1 (orange square on olive) 0.41 -> 0.56, clip 3 (white square on navy) 0.45 -> 0.56;
-# clip 2 (blue on dark grey) has too little contrast for Canny edges at all. Those figures move by about 0.01
-# between runs: the latents are exact, the MP4 encoding of the same frames is not (libx264 through PyAV).
+# olive) 0.35 -> 0.70, clip 1 (orange square on olive) 0.41 -> 0.57, clip 3 (white square on navy) 0.46 -> 0.56;
+# clip 2 (blue on dark grey) has too little contrast for Canny edges at all.
 # sample data's canny signals beside the latents (the stand-in VAE: no temporal compression, 4x4 pixels per latent
 # pixel, so the controller folds 1 frame and 4x4 pixels) -> pretrain_control.py on the frozen EMA base ->
 # tools/export_control.py -> tools/sample.py --controller ... --structure-video CLIP -> edge F1 against CLIP.

@@ -18,8 +18,9 @@ def _square_video() -> torch.Tensor:
     return video
 
 
-def test_canny_finds_the_square_outline_one_pixel_thin():
-    edges = canny(_square_video())[0, 0, 0]
+@pytest.mark.parametrize("sigma", [0.0, 1.0])  # OpenCV's default (no blur), and blurred first
+def test_canny_finds_the_square_outline_one_pixel_thin(sigma: float):
+    edges = canny(_square_video(), sigma=sigma)[0, 0, 0]
     assert edges.shape == (32, 32) and set(edges.unique().tolist()) <= {0.0, 1.0}
     ys, xs = torch.nonzero(edges, as_tuple=True)
     # every edge pixel lies on the boundary (between pixel 7/8 and 23/24) within one pixel

@@ -4,7 +4,8 @@ with images among the videos (image buckets train the controller too) and held-o
 
 The script trains a canny controller 2 iterations instead of 300, samples 1 held-out clip instead of 4 with 2
 Euler steps, on the quickstart model narrowed to 4 heads x 16 (tests/quickstart_fixtures.py). An OUT without a
-base, or with fewer held-out clips than asked, is refused before anything runs. The figures of the full run
+base, or with fewer held-out clips than asked, is refused before anything runs; run again, the script resumes the
+finished controller and samples again. The figures of the full run
 (the controller raising the samples' edge F1) are the example's, in its header and docs/PERFORMANCE.md."""
 
 from __future__ import annotations
@@ -64,5 +65,10 @@ def test_train_control_script(tmp_path: Path):
 
     for run in ("base", "controlled"):
         assert read_mp4(control / "videos" / run / "clip_0" / "sample_0000.mp4").shape == (9, 32, 32, 3)
-    scored = re.findall(r"clip_0/sample_0000\.mp4: (edge F1 [0-9.]+|the structure video has no Canny edges)", log)
-    assert len(scored) == 2, log[-3000:]  # the base's and the controlled sample's, each scored or said unscorable
+    scored = re.compile(r"clip_0/sample_0000\.mp4: (edge F1 [0-9.]+|the structure video has no Canny edges)")
+    assert len(scored.findall(log)) == 2, log[-3000:]  # the base's and the controlled sample's, scored or not
+
+    again = _script(out, model)  # run again: resumes the finished controller (--load = --save) and samples again
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-4000:]
+    assert "loaded" in (control / "train.log").read_text() and len(scored.findall(log)) == 2, log[-3000:]

@@ -12,6 +12,8 @@
 #
 #   bash examples/quickstart/train_control.sh      # OUT=outputs/train_to_video ITERS=300 NPROC=2 THREADS=1
 #
+# Run again, it resumes the controller's checkpoint in OUT/control (--load = --save; finished: it samples again).
+#
 # Other knobs (environment): CLIPS (held-out clips sampled, default 4), SAMPLE_STEPS (Euler steps, default 30),
 # MODEL_CONFIG (the base's, default examples/quickstart/model.yaml; the CI test passes a narrower copy), MASTER_PORT.
 set -euo pipefail
@@ -55,8 +57,9 @@ OMP_NUM_THREADS="$THREADS" "$PYTHON" -m torch.distributed.run --nproc-per-node "
     --structure-signal canny --control-temporal-downsample 1 --control-spatial-downsample 4 \
     --train-iters "$ITERS" --global-batch-size 4 --micro-batch-size 2 --lr 1e-3 --lr-warmup-iters "$WARMUP" \
     --clip-grad 1.0 --ema-decay 0.98 --log-interval 50 \
-    --save "$CTRL/checkpoints" --save-interval "$ITERS" --tensorboard-dir "$CTRL/tensorboard" 2>&1 \
-    | tee "$CTRL/train.log" | grep --line-buffered -E "^ *(\[|saved|error)"
+    --save "$CTRL/checkpoints" --load "$CTRL/checkpoints" --save-interval "$ITERS" \
+    --tensorboard-dir "$CTRL/tensorboard" 2>&1 \
+    | tee "$CTRL/train.log" | { grep --line-buffered -E "^ *(\[|saved|loaded|error)" || true; }
 
 echo "== 3/4 export the controller (EMA weights) -> $CTRL/controller.safetensors"
 "$PYTHON" tools/export_control.py "$CTRL/checkpoints" --weights ema --out "$CTRL/controller.safetensors" 2>&1 \

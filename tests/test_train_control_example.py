@@ -1,12 +1,12 @@
 """examples/quickstart/train_control.sh runs end to end (short), through its documented knobs, on what
 train_to_video.sh leaves in OUT (made here the same way, small): a frozen EMA base checkpoint, its `--clip` data
-with images among the videos (image buckets train the controller too) and held-out clips.
+and held-out clips.
 
 The script trains a canny controller 2 iterations instead of 300, samples 1 held-out clip instead of 4 with 2
 Euler steps, on the quickstart model narrowed to 4 heads x 16 (tests/quickstart_fixtures.py). An OUT without a
 base, or with fewer held-out clips than asked, is refused before anything runs; run again, the script resumes the
-finished controller and samples again. The figures of the full run
-(the controller raising the samples' edge F1) are the example's, in its header and docs/PERFORMANCE.md."""
+finished controller and samples again. The figures of the full run (the controller raising the samples' edge F1)
+are in the example's header; images through the controller: tests/test_control.py."""
 
 from __future__ import annotations
 

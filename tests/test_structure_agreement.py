@@ -71,6 +71,11 @@ def test_the_tool_prints_one_line_per_sample_and_refuses_a_missing_file(tmp_path
     write_mp4(flat, np.full((5, 32, 32, 3), 90, dtype=np.uint8), fps=8)
     done = subprocess.run([*tool[:-1], str(flat), str(same)], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0 and "has no Canny edges" in done.stdout and "F1" not in done.stdout, done.stdout
+    short = tmp_path / "short.mp4"  # 4 frames against the structure's 5: refused, one line
+    write_mp4(short, frames(_square_video(2, 2, frames=4)), fps=8)
+    refused = subprocess.run([*tool, str(short)], capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"{short}: edge agreement needs two RGB videos (3, T, H, W) of one size" in refused.stderr, refused.stderr
     missing = subprocess.run([*tool, str(tmp_path / "none.mp4")], capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr
     assert missing.stderr.strip().endswith(f"no such video file: {tmp_path / 'none.mp4'}"), missing.stderr

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--structure-video", required=True, help="the video the structure signal was extracted from")
     p.add_argument("--tolerance", type=int, default=1, help="pixels an edge may be off and still match")
     a = p.parse_args(argv)
-    if a.tolerance < 0:
+    if a.tolerance < 0:  # (edge_agreement refuses it too, but only after the videos are read)
         raise SystemExit(f"--tolerance must be >= 0 pixels, got {a.tolerance}")
     for path in (a.structure_video, *a.samples):
         if not Path(path).is_file():
@@ -35,11 +35,10 @@ def main(argv: list[str] | None = None) -> int:
 
     structure = frames_to_video(read_mp4(a.structure_video))
     for path in a.samples:
-        sample = frames_to_video(read_mp4(path))
-        if sample.shape != structure.shape:
-            raise SystemExit(f"{path}: {sample.shape[1]} frames of {sample.shape[2]}x{sample.shape[3]}, the structure "
-                             f"video {structure.shape[1]} of {structure.shape[2]}x{structure.shape[3]}")
-        score = edge_agreement(sample, structure, a.tolerance)
+        try:
+            score = edge_agreement(frames_to_video(read_mp4(path)), structure, a.tolerance)
+        except ValueError as exc:  # another size or length than the structure video
+            raise SystemExit(f"{path}: {exc}") from None
         if not score.structure_edges:
             print(f"{path}: the structure video has no Canny edges (too little contrast): nothing to follow")
             continue

@@ -39,8 +39,8 @@ def edge_agreement(sample: Tensor, structure: Tensor, tolerance: int = 1) -> Edg
     """`sample`, `structure`: RGB videos (3, T, H, W) in [0, 1] of one size (the structure: the video the signal
     was extracted from). Canny edges of both, matched within `tolerance` pixels, over all frames."""
     if sample.shape != structure.shape or sample.dim() != 4 or sample.shape[0] != 3:
-        raise ValueError(f"edge agreement needs two RGB videos (3, T, H, W) of one size, got "
-                         f"{tuple(sample.shape)} and {tuple(structure.shape)}")
+        raise ValueError(f"edge agreement needs two RGB videos (3, T, H, W) of one size, got {tuple(sample.shape)} "
+                         f"and the structure's {tuple(structure.shape)}")
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
     a, b = (canny(video[None].float())[0].transpose(0, 1) for video in (sample, structure))  # (T, 1, H, W)

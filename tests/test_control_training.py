@@ -197,7 +197,7 @@ def test_pipeline_and_context_parallel_checkpoints_resume_exactly(setup: Path, t
     assert [key for key in want if not same_values(want[key], got[key])] == []
     cfg = parse_args(["--model-config", str(setup / "model.yaml")]).model_config
     _, control, tensors = read_controller_file(export_controller(save, tmp_path / "ctrl.safetensors", "ema"))
-    assert control.hidden_size == 32 and "encoder.text_in.weight" in tensors
+    assert control.hidden_size == 32 and tensors["encoder.blocks.0.qkv.weight"].shape == (3 * 32, 32)
     assert {f"projector.linears.{j}.weight" for j in range(cfg.num_blocks)} <= tensors.keys()  # both stages
     fresh = ControlledSUV(SUVMMDiT(cfg, megatron_config(cfg, params_dtype=torch.float32,
                                                         use_cpu_initialization=True), init_seed=5), control)

@@ -35,6 +35,4 @@ def test_attention_blocks_of_the_controlled_model(tp1) -> None:
                            ControlConfig(num_blocks=2, hidden_size=16))
     assert narrow.attention_sparsity()[-3:] == [1, 4.0, 4.0]  # a quarter of the width: a quarter of the cost
     assert all(not p.requires_grad for p in controlled.base.parameters())  # what the loop counts as frozen
-    unused = [n for n, p in controlled.controller.named_parameters() if not p.requires_grad]
-    assert unused and all(".attn.add_q." in n or ".attn.norm_added_q." in n for n in unused)  # the last encoder
-    # block's text queries, never used (as in the base's last block)
+    assert all(p.requires_grad for p in controlled.controller.parameters())  # what the loop counts as trained

@@ -2,10 +2,11 @@
 # A canny structure controller on the quickstart's base, on a CPU machine: run examples/quickstart/train_to_video.sh
 # first (same OUT); this trains the controller on its data with the base frozen, exports it, samples held-out clips'
 # captions under their own canny edges with and without the controller (same seed), and scores how closely each
-# sample's edges follow the clip's (tools/structure_agreement.py). 3 min 5 s on 2 cores (2 ranks, defaults; measured
+# sample's edges follow the clip's (tools/structure_agreement.py). 3 min 0 s on 2 cores (2 ranks, defaults; measured
 # 2026-12-05 on train_to_video.sh's 1,300-iteration base). Edge F1, base -> controlled: clip 0 (yellow circle on
-# olive) 0.35 -> 0.70, clip 1 (orange square on olive) 0.41 -> 0.57, clip 3 (white square on navy) 0.46 -> 0.56;
-# clip 2 (blue on dark grey) has too little contrast for Canny edges at all.
+# olive) 0.35 -> 0.67, clip 1 (orange square on olive) 0.41 -> 0.61, clip 3 (white square on navy) 0.46 -> 0.60;
+# clip 2 (blue on dark grey) has too little contrast for Canny edges at all. A quarter-width, one-block encoder
+# (CONTROL_BLOCKS=1 CONTROL_WIDTH=64, 2 min 42 s): 0.66, 0.59, 0.56.
 # sample data's canny signals beside the latents (the stand-in VAE: no temporal compression, 4x4 pixels per latent
 # pixel, so the controller folds 1 frame and 4x4 pixels) -> pretrain_control.py on the frozen EMA base ->
 # tools/export_control.py -> tools/sample.py --controller ... --structure-video CLIP -> edge F1 against CLIP.
@@ -15,7 +16,9 @@
 # Run again, it resumes the controller's checkpoint in OUT/control (--load = --save; finished: it samples again).
 #
 # Other knobs (environment): CLIPS (held-out clips sampled, default 4), SAMPLE_STEPS (Euler steps, default 30),
-# MODEL_CONFIG (the base's, default examples/quickstart/model.yaml; the CI test passes a narrower copy), MASTER_PORT.
+# MODEL_CONFIG (the base's, default examples/quickstart/model.yaml; the CI test passes a narrower copy), MASTER_PORT,
+# CONTROL_BLOCKS (K, default 2) and CONTROL_WIDTH (the encoder's width, default the base's 256), CTRL (the
+# controller's directory, default OUT/control; a resume with other CONTROL_* flags is refused, so give another).
 set -euo pipefail
 trap 'echo "!! a step failed; its output: $CTRL/{train,export,sample_*}.log" >&2' ERR
 cd "$(dirname "$0")/../.."
@@ -38,7 +41,9 @@ if [[ ! -f "$LAST_CLIP" ]]; then
     exit 2
 fi
 OUT="$(cd "$OUT" && pwd)"
-CTRL="$OUT/control"
+CTRL="${CTRL:-$OUT/control}"
+CONTROL=(--control-blocks "${CONTROL_BLOCKS:-2}")
+if [[ -n "${CONTROL_WIDTH:-}" ]]; then CONTROL+=(--control-hidden-size "$CONTROL_WIDTH"); fi
 mkdir -p "$CTRL"
 ENCODERS=megatron_video.models.space_to_depth:quickstart_encoders
 SHAPE="shape: {resolution_mode: forced, height: 32, width: 32, num_frames: 9, min_num_frames: 9, fps: 8}"
@@ -54,7 +59,7 @@ echo "== 2/4 train the controller $ITERS iterations ($NPROC rank(s)), the base f
 OMP_NUM_THREADS="$THREADS" "$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" \
     --master-port "${MASTER_PORT:-29528}" pretrain_control.py --device cpu "${MODEL[@]}" \
     --data-config "$CTRL/data.yaml" --base "$OUT/checkpoints" --base-weights ema \
-    --structure-signal canny --control-temporal-downsample 1 --control-spatial-downsample 4 \
+    --structure-signal canny --control-temporal-downsample 1 --control-spatial-downsample 4 "${CONTROL[@]}" \
     --train-iters "$ITERS" --global-batch-size 4 --micro-batch-size 2 --lr 1e-3 --lr-warmup-iters "$WARMUP" \
     --clip-grad 1.0 --ema-decay 0.98 --log-interval 50 \
     --save "$CTRL/checkpoints" --load "$CTRL/checkpoints" --save-interval "$ITERS" \

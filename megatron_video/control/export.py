@@ -4,10 +4,8 @@ optimizer state, named in the style of the base's released weights (docs/DESIGN.
     control_encoder.conv_in.{weight,bias}                   encoder.conv_in      (signal folded to the latent grid)
     control_encoder.conv_mid.{weight,bias}                  encoder.conv_mid
     control_encoder.patch_embed.proj.{weight,bias}          encoder.patch_embed  (one token per latent patch)
-    control_encoder.context_in.{weight,bias}                encoder.text_in      (a narrower encoder only: the
-                                                            base's text stream in the encoder's width)
-    control_encoder.transformer_blocks.{i}.<block name>     encoder.blocks.{i}   (the base's released block names:
-                                                            norm1.linear, attn1.to_q, ff.net.0.proj, ...)
+    control_encoder.transformer_blocks.{i}.<name>           encoder.blocks.{i}   (modulation.linear, norm1, qkv,
+                                                            norm_q, norm_k, out, norm2, fc1, fc2: SignalBlock)
     control_projector.{j}.{weight,bias}                     projector.linears.{j} (P_j, added after base block j)
 
 The header's metadata (strings) says what the file is: `format`, `signal`, `control_config` (JSON of
@@ -26,20 +24,19 @@ from typing import Any
 import torch
 
 from megatron_video.models.control import ControlConfig
-from megatron_video.models.suv_mmdit.state_dict_adapter import block_key_from_released, block_key_to_released
 
 FORMAT = "megatron-video structure controller"
 _CONV = {"encoder.conv_in": "control_encoder.conv_in", "encoder.conv_mid": "control_encoder.conv_mid",
-         "encoder.patch_embed": "control_encoder.patch_embed.proj", "encoder.text_in": "control_encoder.context_in"}
+         "encoder.patch_embed": "control_encoder.patch_embed.proj"}
 
 
 def to_export_name(name: str) -> str:
-    """A controller state-dict name (`encoder.blocks.0.attn.to_q.weight`) -> its name in the exported file."""
+    """A controller state-dict name (`encoder.blocks.0.qkv.weight`) -> its name in the exported file."""
     module, _, leaf = name.rpartition(".")
     if module in _CONV:
         return f"{_CONV[module]}.{leaf}"
     if m := re.match(r"^encoder\.blocks\.(\d+)\.(.+)$", name):
-        return f"control_encoder.transformer_blocks.{m[1]}.{block_key_to_released(m[2])}"
+        return f"control_encoder.transformer_blocks.{m[1]}.{m[2]}"
     if m := re.match(r"^projector\.linears\.(\d+)\.(weight|bias)$", name):
         return f"control_projector.{m[1]}.{m[2]}"
     raise KeyError(f"no exported name for the controller parameter {name!r}")
@@ -52,7 +49,7 @@ def from_export_name(name: str) -> str:
         if module == exported:
             return f"{ours}.{leaf}"
     if m := re.match(r"^control_encoder\.transformer_blocks\.(\d+)\.(.+)$", name):
-        return f"encoder.blocks.{m[1]}.{block_key_from_released(m[2])}"
+        return f"encoder.blocks.{m[1]}.{m[2]}"
     if m := re.match(r"^control_projector\.(\d+)\.(weight|bias)$", name):
         return f"projector.linears.{m[1]}.{m[2]}"
     raise KeyError(f"{name!r} is not a structure-controller tensor name")

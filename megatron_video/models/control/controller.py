@@ -3,7 +3,7 @@
 Reads like the paper: an encoder E turns the structure signal C_S (a pixel video: canny edges, depth or
 sketch) into tokens shaped like the denoiser's video stream, R = E(C_S): a tiny 3D-convolution network
 downsamples C_S to the latent grid, a patch convolution makes one token per latent patch (the base's token
-order), and K shape-preserving SUV blocks (conditioned on the base's timestep embedding and text) refine them.
+order), and K shape-preserving transformer blocks refine them, modulated by the base's timestep embedding.
 A projector of one token-wise linear map per base block gives F_j = P_j(R), and the controlled model runs
 X_j = X_j + F_j after block j. Every P_j starts at zero, so at step 0 the controlled model is the base model.
 
@@ -23,12 +23,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
-from megatron.core.tensor_parallel import RowParallelLinear, scatter_to_tensor_model_parallel_region
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    scatter_to_tensor_model_parallel_region,
+)
 from torch import Tensor, nn
 
-from megatron_video.models.suv_mmdit.config import BlockSpec, SUVConfig
+from megatron_video.models.attention import attention
+from megatron_video.models.suv_mmdit.config import SUVConfig
 from megatron_video.models.suv_mmdit.elementwise import EAGER, BlockElementwise
-from megatron_video.models.suv_mmdit.layers import without_sequence_parallel
+from megatron_video.models.suv_mmdit.layers import (
+    HeadRMSNorm,
+    LayerNorm,
+    Modulation,
+    normal_init,
+    without_sequence_parallel,
+)
 from megatron_video.models.suv_mmdit.model import SUVBlock, SUVMMDiT
 from megatron_video.models.suv_mmdit.skiparse import pad_sequence
 
@@ -90,6 +101,46 @@ def fold_to_latent_grid(video: Tensor, conv: nn.Conv3d, ft: int, fs: int) -> Ten
     return torch.cat([first, rest], dim=2)
 
 
+def _zeros(weight: Tensor) -> None:
+    nn.init.zeros_(weight)
+
+
+class SignalBlock(nn.Module):
+    """One of E's K transformer blocks: self-attention over the signal's tokens (per-head qk RMSNorm and the base's
+    3D RoPE, as the base's blocks) and a GELU-tanh MLP, each behind an adaLN modulation and gate from the base's
+    timestep embedding. No text stream. Heads split over TP (column-parallel q/k/v laid out head by head,
+    row-parallel output); the input is whole on every TP rank (no sequence parallelism inside the controller)."""
+
+    def __init__(self, width: int, cfg: SUVConfig, config: ModelParallelConfig, ops: BlockElementwise = EAGER) -> None:
+        super().__init__()
+        eps, dtype, init = cfg.norm_eps, config.params_dtype, normal_init(cfg.init_std)
+        self.head_dim, self.scale, self.backend = cfg.head_dim, cfg.head_dim ** -0.5, cfg.attention_backend
+        self.ops = ops
+        local = without_sequence_parallel(config)
+        self.modulation = Modulation(cfg.timestep_embed_dim, 6 * width, local, cfg.init_std)
+        self.norm1, self.norm2 = LayerNorm(width, eps, dtype, ops), LayerNorm(width, eps, dtype, ops)
+        # output rows ordered (head, q|k|v, head_dim): each TP rank's partition holds whole heads' q, k and v
+        self.qkv = ColumnParallelLinear(width, 3 * width, config=local, init_method=init, bias=True,
+                                        gather_output=False)
+        self.norm_q, self.norm_k = (HeadRMSNorm(cfg.head_dim, eps, dtype, ops) for _ in range(2))
+        self.out = RowParallelLinear(width, width, config=local, init_method=init, bias=True,
+                                     input_is_parallel=True, skip_bias_add=False)
+        self.fc1 = ColumnParallelLinear(width, 4 * width, config=local, init_method=init, bias=False,
+                                        gather_output=False)
+        self.fc2 = RowParallelLinear(4 * width, width, config=local, init_method=init, bias=False,
+                                     input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, r: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor], key_valid: Tensor | None) -> Tensor:
+        """r (N, B, width) -> (N, B, width); temb (B, E) fp32; rope (N, head_dim) cos, sin; key_valid (B, N)."""
+        n, b = r.shape[:2]
+        shift, scale, gate, shift2, scale2, gate2 = self.modulation(temb).chunk(6, dim=-1)
+        q, k, v = self.qkv(self.norm1(r, shift, scale))[0].view(n, b, -1, 3, self.head_dim).unbind(3)
+        q, k = self.norm_q(q, rope), self.norm_k(k, rope)
+        a = attention(q, k, v, key_valid, scale=self.scale, backend=self.backend)
+        r = self.ops.gated_residual(r, gate, self.out(a.flatten(2))[0])
+        return self.ops.gated_residual(r, gate2, self.fc2(self.ops.gelu(self.fc1(self.norm2(r, shift2, scale2))[0]))[0])
+
+
 class StructureEncoder(nn.Module):
     """E: structure video (B, C, T, H, W) -> R (N, B, width), tokens in the base's (t, h, w) order.
     The downsampling folds the signal to the latent grid (space-to-depth and a 1x1x1 convolution, run as one
@@ -103,25 +154,15 @@ class StructureEncoder(nn.Module):
         dtype, ch = config.params_dtype, control.conv_channels
         self.control, self.patch = control, cfg.patch_size
         self.width = control.width(cfg, config.tensor_model_parallel_size)
-        narrow = self.width < cfg.hidden_size
         folded = control.signal_channels * control.temporal_downsample * control.spatial_downsample ** 2
         self.conv_in = nn.Conv3d(folded, ch, 1, dtype=dtype)  # over the folded channels (fold_to_latent_grid)
         self.conv_mid = nn.Conv3d(ch, ch, 3, padding=1, dtype=dtype)
         p = cfg.patch_size
         self.patch_embed = nn.Conv3d(ch, self.width, (1, p, p), stride=(1, p, p), dtype=dtype)
-        # the base's text stream in the encoder's width (replicated like the convolutions: its input is whole)
-        self.text_in = nn.Linear(cfg.hidden_size, self.width, dtype=dtype) if narrow else None
-        # K dense SUV blocks on whole sequences (the controller is small: no sequence parallelism inside it)
-        local = without_sequence_parallel(config)
-        block_cfg = cfg.replace(num_heads=self.width // cfg.head_dim) if narrow else cfg
-        k = control.num_blocks
-        self.blocks = nn.ModuleList(
-            SUVBlock(block_cfg, local, BlockSpec(index=i, stage=0, index_in_stage=i, k=1, mode="full",
-                                           context_pre_only=i == k - 1, skip_in=None, skip_out=False), ops)
-            for i in range(k))
+        self.blocks = nn.ModuleList(SignalBlock(self.width, cfg, config, ops) for _ in range(control.num_blocks))
 
-    def forward(self, signal: Tensor, c: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor],
-                video_valid: Tensor | None, text_valid: Tensor | None, grid: tuple[int, int, int]) -> Tensor:
+    def forward(self, signal: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor], video_valid: Tensor | None,
+                grid: tuple[int, int, int]) -> Tensor:
         t, hp, wp = grid
         expected = self.control.pixel_shape((t, hp * self.patch, wp * self.patch))
         if signal.dim() != 5 or signal.shape[1] != self.control.signal_channels or tuple(signal.shape[2:]) != expected:
@@ -130,17 +171,10 @@ class StructureEncoder(nn.Module):
         h = fold_to_latent_grid(signal.to(self.conv_in.weight.dtype), self.conv_in,
                                 self.control.temporal_downsample, self.control.spatial_downsample)
         h = F.silu(self.conv_mid(F.silu(h)))
-        tokens = self.patch_embed(h)  # (B, D, t, h', w')
-        r = tokens.flatten(2).permute(2, 0, 1)  # (N, B, D), (t, h, w) order
-        if self.text_in is not None:
-            c = self.text_in(c)
+        r = self.patch_embed(h).flatten(2).permute(2, 0, 1)  # (N, B, D), (t, h, w) order
         for block in self.blocks:
-            r, c = block(r, c, temb, *rope, video_valid, text_valid)
+            r = block(r, temb, rope, video_valid)
         return r
-
-
-def _zeros(weight: Tensor) -> None:
-    nn.init.zeros_(weight)
 
 
 class Projector(nn.Module):
@@ -192,14 +226,14 @@ class StructureControl:
     controller: StructureController
     signal: Tensor | None  # None on stages after the first (R arrives in the pipeline carry)
 
-    def encode(self, c: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor], video_valid: Tensor | None,
-               text_valid: Tensor | None, grid: tuple[int, int, int]) -> Tensor:
+    def encode(self, temb: Tensor, rope: tuple[Tensor, Tensor], video_valid: Tensor | None,
+               grid: tuple[int, int, int], hidden_size: int) -> Tensor:
         if self.controller.encoder is None or self.signal is None:
             raise RuntimeError("the structure encoder runs on the first pipeline stage, with a structure signal")
-        r = self.controller.encoder(self.signal, c, temb, rope, video_valid, text_valid, grid)
+        r = self.controller.encoder(self.signal, temb, rope, video_valid, grid)
         # the pipeline carry's rows have the base's width: a narrower R crossing stages is zero-padded
-        narrow = r.shape[-1] < c.shape[-1]
-        return F.pad(r, (0, c.shape[-1] - r.shape[-1])) if narrow and self.controller.features_cross_stages else r
+        narrow = r.shape[-1] < hidden_size
+        return F.pad(r, (0, hidden_size - r.shape[-1])) if narrow and self.controller.features_cross_stages else r
 
     def inject(self, block: SUVBlock, x: Tensor, features: Tensor, n_pad: int) -> Tensor:
         width = self.controller.projector.width
@@ -226,7 +260,9 @@ class ControlledSUV(nn.Module):
 
     def attention_sparsity(self) -> list[float]:
         """The base's blocks, then the encoder's K dense blocks. Attention costs scale with the width, so a
-        narrower encoder's block counts as sparsity base width / its width (training/flops.py)."""
+        narrower encoder's block counts as sparsity base width / its width (training/flops.py). An upper bound:
+        training/flops.py counts every block over video and text tokens, the encoder attends over video tokens
+        only (text is under 1 % of the tokens at the released sizes)."""
         control = self.controller.control
         return self.base.attention_sparsity() + [self.cfg.hidden_size / control.width(self.cfg)] * control.num_blocks
 
@@ -237,7 +273,7 @@ class ControlledSUV(nn.Module):
         return self.base.pipeline_shapes(batch, latent_thw, text_len, control_rows=n)
 
     def forward(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
-                pooled_projections: Tensor, attention_mask: Tensor, encoder_attention_mask: Tensor,
+                pooled_projections: Tensor, attention_mask: Tensor | None, encoder_attention_mask: Tensor | None,
                 structure: Tensor | None = None) -> Tensor:
         """`structure`: the (B, C, T, H, W) structure video (needed on the first pipeline stage)."""
         if self.pre_process and structure is None:

@@ -345,11 +345,12 @@ class BlockStack(nn.Module):
 
 
 class BlockControl(Protocol):
-    """A condition controller's hooks into the forward (models/control): features R from the embedded inputs
-    (whole, natural token order, on the first pipeline stage) and X_j + F_j after block j in X_j's layout."""
+    """A condition controller's hooks into the forward (models/control): features R on the first pipeline stage
+    (whole, natural token order; rows of `hidden_size` where they cross pipeline stages) and X_j + F_j after
+    block j in X_j's layout."""
 
-    def encode(self, c: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor], video_valid: Tensor | None,
-               text_valid: Tensor | None, grid: tuple[int, int, int]) -> Tensor: ...
+    def encode(self, temb: Tensor, rope: tuple[Tensor, Tensor], video_valid: Tensor | None,
+               grid: tuple[int, int, int], hidden_size: int) -> Tensor: ...
 
     def inject(self, block: SUVBlock, x: Tensor, features: Tensor, n_pad: int) -> Tensor: ...
 
@@ -626,7 +627,8 @@ class SUVMMDiT(nn.Module):
         if self.pre_process:
             x, c, temb = self.embed(hidden_states, timestep, encoder_hidden_states, pooled_projections)
             skips: list[tuple[Tensor, Tensor]] = []
-            features = control.encode(c, temb, rope, video_valid, text_valid, grid) if control is not None else None
+            features = (control.encode(temb, rope, video_valid, grid, cfg.hidden_size) if control is not None
+                        else None)
             if self.context_parallel is not None:  # keep this CP rank's video tokens (text stays whole)
                 x, c, rope, video_valid, text_valid = self.context_parallel.split_inputs(
                     x, c, rope, video_valid, text_valid)

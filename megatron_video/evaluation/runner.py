@@ -65,6 +65,7 @@ class Evaluator:
         """The first --eval-iters global batches of the fixed evaluation order (fewer if the set is smaller)."""
         from megatron_video.data.loader import build_dataloader
         from megatron_video.data.sampler import ShapeBatchSampler
+        from megatron_video.training.data import trim_text_padding
         from megatron_video.training.loop import global_positions
 
         args = self.args
@@ -86,6 +87,7 @@ class Evaluator:
                 if self.condition is not None:  # the inpainting masks of position p at "iteration 0": fixed
                     self.condition(mb, 0, 0)
                 micro_batches.append(mb)
+            trim_text_padding(micro_batches)
             yield EvalBatch(bucket_name(shape), micro_batches)
 
     def run(self, parts: Any, encode: Callable) -> EvalResult:

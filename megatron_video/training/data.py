@@ -121,8 +121,10 @@ class BatchEncoder:
         to = dict(device=self.device)
         # every caption fills the text length: read from the host copy (a cache batch), never from the device
         all_valid = mask.device.type == "cpu" and bool(mask.all())
+        # text from the feature cache: every rank of the replica reads the same host mask (trim_text_padding)
+        host_mask = mask if not need_text and mask.device.type == "cpu" else None
         return {"x0": x0.to(**to).float(), "t5_hidden": t5.to(**to), "t5_mask": mask.to(**to),
-                "t5_all_valid": all_valid,
+                "t5_all_valid": all_valid, "t5_mask_host": host_mask,
                 "clip_pooled": pooled.to(**to), "sample_id": batch["sample_id"],
                 "sampler_position": batch.get("sampler_position"),
                 **({"video": batch["video"]} if self.keep_video and "video" in batch else {}),
@@ -131,6 +133,25 @@ class BatchEncoder:
     def shared_vae(self) -> SharedVAE:
         """The WF-VAE as InpaintConditioner calls it, run on the source rank and shared like the latents."""
         return SharedVAE(self)
+
+
+def trim_text_padding(micro_batches: list[dict[str, Any]]) -> None:
+    """Cut the T5 states and mask of this rank's micro-batches of one global batch to the last text position any
+    of their captions uses. The positions cut are masked keys of every sample in every block, so the denoiser
+    computes the same video tokens (the cache pads captions to 512 tokens; most use far fewer): attention runs
+    over fewer keys and, where every caption then fills the length, without a mask (flash kernels eligible).
+    One length for all the micro-batches, as the pipeline's p2p shapes are fixed per global batch; every rank of a
+    replica (TP, CP, PP) reads the same micro-batches and cuts alike. Only from host masks of cached text
+    (`t5_mask_host`): micro-batches without one keep their length, and nothing is read from a device."""
+    hosts = [mb.get("t5_mask_host") for mb in micro_batches]
+    if not hosts or any(host is None for host in hosts):
+        return
+    used = torch.cat([host.reshape(host.shape[0], -1) for host in hosts]).any(0).nonzero()
+    length = int(used.max()) + 1 if used.numel() else 1
+    for mb, host in zip(micro_batches, hosts):
+        if mb["t5_hidden"].shape[1] > length:
+            mb["t5_hidden"], mb["t5_mask"] = mb["t5_hidden"][:, :length], mb["t5_mask"][:, :length]
+        mb["t5_all_valid"] = bool(host[:, :length].all())
 
 
 class SharedVAE:

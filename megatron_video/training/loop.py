@@ -268,7 +268,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
         sum_over_pipeline,
     )
     from megatron_video.training.components import build_components
-    from megatron_video.training.data import BatchEncoder, build_data
+    from megatron_video.training.data import BatchEncoder, build_data, trim_text_padding
     from megatron_video.training.flops import training_flops_per_sample, video_tokens
     from megatron_video.training.logger import TrainLogger
 
@@ -350,6 +350,7 @@ def pretrain(argv: Sequence[str] | None = None, prepare_inputs: Callable = t2v_i
                      ", ".join(str(Path(d) / EXTREME_LOG) for d in (args.load, args.save) if d) or "none")
             log.close()
             return 1
+        trim_text_padding(micro_batches)
         for index, micro_batch in enumerate(micro_batches):
             micro_batch["positions"] = global_positions(index, args.micro_batch_size, dp_rank, dp_size)
             if condition is not None:

@@ -8,6 +8,10 @@
 2. the SUV block stack (sparsity per stage, e.g. 1,2,4,8,4,2,1) against the same model with k = 1 everywhere,
    forward + backward, with the stream in stage order (the default) and with the per-block rearrangement.
 
+Without masks by default, as training runs (one latent shape per batch; the text cut to its captions'
+length, training/data.py trim_text_padding, fills it at micro-batch 1); `--masks` passes all-True key masks, the
+masked kernel path of micro-batches whose captions differ in length.
+
 Runs interleave the variants and report medians. Example (CPU):
     PYTHONPATH=. python bench/bench_suv.py --grid 4 32 32 --heads 2 --head-dim 64 --reps 3 --threads 1
 """
@@ -42,7 +46,8 @@ def _interleaved(runs: dict[str, Callable[[], None]], reps: int) -> dict[str, tu
             for name, ts in times.items()}
 
 
-def bench_attention(n: int, text_len: int, heads: int, head_dim: int, reps: int) -> dict[str, tuple[float, float]]:
+def bench_attention(n: int, text_len: int, heads: int, head_dim: int, reps: int, masks: bool,
+                    ) -> dict[str, tuple[float, float]]:
     from megatron_video.models.attention import attention
     from megatron_video.models.suv_mmdit.skiparse import joint_attention, joint_attention_in_order
     from megatron_video.models.suv_mmdit.stage_order import StageOrder, StageOrders, move
@@ -50,7 +55,9 @@ def bench_attention(n: int, text_len: int, heads: int, head_dim: int, reps: int)
     g = torch.Generator().manual_seed(0)
     video = [torch.randn(n, 1, heads, head_dim, generator=g, requires_grad=True) for _ in range(3)]
     text = [torch.randn(text_len, 1, heads, head_dim, generator=g, requires_grad=True) for _ in range(3)]
-    video_valid, text_valid = torch.ones(1, n, dtype=torch.bool), torch.ones(1, text_len, dtype=torch.bool)
+    video_valid, text_valid = None, None
+    if masks:
+        video_valid, text_valid = torch.ones(1, n, dtype=torch.bool), torch.ones(1, text_len, dtype=torch.bool)
 
     def run(k: int, mode: str) -> Callable[[], None]:
         def fn() -> None:
@@ -80,7 +87,7 @@ def bench_attention(n: int, text_len: int, heads: int, head_dim: int, reps: int)
 
 
 def bench_stack(grid: tuple[int, int, int], text_len: int, heads: int, head_dim: int, sparse_n: tuple[int, ...],
-                layers: int, reps: int) -> dict[str, tuple[float, float]]:
+                layers: int, reps: int, masks: bool) -> dict[str, tuple[float, float]]:
     from megatron_video.models.suv_mmdit import SUVMMDiT, suv_config
     from megatron_video.models.suv_mmdit.config import megatron_config
 
@@ -94,8 +101,8 @@ def bench_stack(grid: tuple[int, int, int], text_len: int, heads: int, head_dim:
         "timestep": torch.tensor([500.0]),
         "encoder_hidden_states": torch.randn(1, 1, text_len, cfg.caption_channels, generator=g),
         "pooled_projections": torch.randn(1, 1, cfg.pooled_projection_dim, generator=g),
-        "attention_mask": torch.ones(1, t, 2 * h, 2 * w),
-        "encoder_attention_mask": torch.ones(1, 1, text_len),
+        "attention_mask": torch.ones(1, t, 2 * h, 2 * w) if masks else None,
+        "encoder_attention_mask": torch.ones(1, 1, text_len) if masks else None,
     }
 
     def run(c, stage_order: bool = True) -> Callable[[], None]:
@@ -124,6 +131,7 @@ def main() -> None:
                         help="blocks per stage of the stack (>= 2: stages alternate single / group skip)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--masks", action="store_true", help="all-True key masks (the masked kernel path)")
     args = parser.parse_args()
     if len(args.sparse_n) % 2 != 1:
         parser.error("--sparse-n needs an odd number of stages")
@@ -139,11 +147,12 @@ def main() -> None:
     t, h, w = args.grid
     n = t * h * w
     print(f"# tokens: video {n} + text {args.text_len}, heads {args.heads} x {args.head_dim}, fp32, "
-          f"{torch.get_num_threads()} threads, median of {args.reps}, forward + backward")
-    attn_times = bench_attention(n, args.text_len, args.heads, args.head_dim, args.reps)
+          f"{torch.get_num_threads()} threads, median of {args.reps}, forward + backward, "
+          f"{'all-True key masks' if args.masks else 'no masks'}")
+    attn_times = bench_attention(n, args.text_len, args.heads, args.head_dim, args.reps, args.masks)
     _table("skiparse joint attention vs dense", attn_times, "dense (k=1)")
     stack_times = bench_stack(tuple(args.grid), args.text_len, args.heads, args.head_dim, tuple(args.sparse_n),
-                              args.layers_per_stage, args.reps)
+                              args.layers_per_stage, args.reps, args.masks)
     _table(f"block stack ({args.layers_per_stage} block(s) per stage) vs k=1 everywhere", stack_times,
            "same, k=1 everywhere")
 

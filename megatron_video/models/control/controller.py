@@ -1,9 +1,10 @@
 """The structure condition controller of Open-Sora Plan (section 2.3.2) on a frozen SUV denoiser.
 
 Reads like the paper: an encoder E turns the structure signal C_S (a pixel video: canny edges, depth or
-sketch) into tokens shaped like the denoiser's video stream, R = E(C_S): a tiny 3D-convolution network
+sketch) into tokens shaped like the denoiser's video stream, R = E(C_S, t): a tiny 3D-convolution network
 downsamples C_S to the latent grid, a patch convolution makes one token per latent patch (the base's token
-order), and K shape-preserving transformer blocks refine them, modulated by the base's timestep embedding.
+order), and K shape-preserving transformer blocks refine them, modulated by the base's timestep embedding (the
+paper writes R = E(C_S); without the timestep the quickstart's controller learned less: docs/DESIGN.md §15).
 A projector of one token-wise linear map per base block gives F_j = P_j(R), and the controlled model runs
 X_j = X_j + F_j after block j. Every P_j starts at zero, so at step 0 the controlled model is the base model.
 

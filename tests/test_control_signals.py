@@ -1,4 +1,4 @@
-"""Structure signals (control/signals.py): Canny on a synthetic square, hysteresis on a hand-made mask, and the
+"""Structure signals (control/signals.py): OpenCV's Canny on synthetic squares and steps (hysteresis included), and the
 depth / sketch loaders with small random-weight networks saved to local paths (no downloads)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_video.control.signals import canny, hysteresis, load_depth_estimator, load_sketch_model
+from megatron_video.control.signals import canny, load_depth_estimator, load_sketch_model
 
 
 def _square_video() -> torch.Tensor:
@@ -57,16 +57,19 @@ def test_canny_defaults_cut_where_opencv_canny_100_200_cuts(step: int, edges: bo
     assert found[:, 7].all() and found.sum() == 16  # the column before the step, every row
 
 
-def test_hysteresis_keeps_weak_pixels_connected_to_strong_ones():
-    strong = torch.zeros(1, 1, 5, 8, dtype=torch.bool)
-    weak = torch.zeros_like(strong)
-    strong[0, 0, 1, 0] = True
-    weak[0, 0, 1, 1:4] = True  # chain from the strong pixel
-    weak[0, 0, 2, 4] = True  # diagonal continuation (8-connectivity)
-    weak[0, 0, 4, 7] = True  # isolated weak pixel
-    edges = hysteresis(strong, weak)[0, 0]
-    assert edges[1, :4].all() and edges[2, 4] and not edges[4, 7]
-    assert edges.sum() == 5
+def test_canny_keeps_weak_edges_connected_to_strong_ones():
+    """Hysteresis: a vertical step of 60 levels (|Sobel| 240, above 200) in the top half continues as a step of 30
+    levels (120: between 100 and 200) in the bottom half: the weak part is kept, as it connects to the strong one;
+    the same weak step alone makes no edge."""
+    video = torch.full((1, 1, 1, 32, 32), 60 / 255)
+    video[..., :16, 16:] = 120 / 255
+    video[..., 16:, 16:] = 90 / 255
+    found = canny(video)[0, 0, 0]
+    assert found[:15, 15].all() and found[17:, 15].all()  # the column before the step, the weak half included
+    # (around the corner at rows 15-16 the edge steps one column over, still 8-connected)
+    weak_only = torch.full((1, 1, 1, 32, 32), 60 / 255)
+    weak_only[..., 16:] = 90 / 255
+    assert canny(weak_only).sum() == 0
 
 
 def tiny_dpt(path: Path) -> Path:

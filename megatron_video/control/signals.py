@@ -1,11 +1,9 @@
 """Structure signals for the structure controller (models/control): one-channel maps in [0, 1] per frame.
 
-- canny: the Canny detector written in torch (neither OpenCV nor kornia is a dependency of this stack, and a
-  torch version runs batched on the training device): grey -> (optional Gaussian blur) -> Sobel -> non-maximum
-  suppression along the gradient direction -> double threshold -> hysteresis. Its defaults are OpenCV's
-  `cv2.Canny(image, 100, 200)` on 8-bit frames, the call ControlNet-style canny annotators make: no smoothing,
-  L1 gradient magnitude, the same thresholds and tie-breaking (compared pixel by pixel with OpenCV 5.1:
-  bench/canny_vs_opencv.py).
+- canny: OpenCV's Canny detector (`cv2.Canny(grey, 100, 200)` on 8-bit frames by default, the call
+  ControlNet-style canny annotators make). OpenCV rather than kornia: its Canny is the one those annotators, and
+  so the released canny controllers, were trained on (no smoothing, L1 gradient magnitude, thresholds in 8-bit
+  Sobel units); kornia's blurs first and normalises its thresholds, so its maps differ.
 - depth: a MiDaS-style DPT network (transformers' `DPTForDepthEstimation`) read from a local directory.
 - sketch: a PiDiNet-style edge network: the caller builds the architecture, weights come from a local
   safetensors file.
@@ -16,7 +14,6 @@ Videos are (B, 3, T, H, W) RGB in [0, 1]; every extractor returns (B, 1, T, H, W
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,8 +21,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-_LUMA = (4899 / 16384, 9617 / 16384, 1868 / 16384)  # ITU-R BT.601 in OpenCV's fixed point (RGB -> grey)
 
 
 def _frames(video: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -45,79 +40,39 @@ def _video(frames: Tensor, bt: tuple[int, int]) -> Tensor:
 # ----------------------------------------------------------------------------------------------- canny
 
 
-def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    radius = max(1, math.ceil(2 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
-    x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    return F.conv2d(x, kernel.view(1, 1, -1, 1))
-
-
-def sobel(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Horizontal and vertical derivatives of (N, 1, H, W), scaled by 1/8 so a ramp of slope s gives s."""
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=x.dtype, device=x.device) / 8
-    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    return F.conv2d(padded, kx.view(1, 1, 3, 3)), F.conv2d(padded, kx.t().reshape(1, 1, 3, 3))
-
-
-def non_max_suppression(magnitude: Tensor, gx: Tensor, gy: Tensor) -> Tensor:
-    """Keep a pixel only where its magnitude is a maximum along the gradient direction (quantised to 0, 45,
-    90, 135 degrees). Ties broken as OpenCV breaks them: strictly above the neighbour behind (left / up) and at
-    least the one ahead, so a sharp step, whose two sides have equal gradients, keeps one pixel, the first;
-    strictly above both on the diagonals."""
-    angle = torch.rad2deg(torch.atan2(gy, gx)) % 180
-    sector = (((angle + 22.5) // 45) % 4).long()  # 0: horizontal gradient, 1: 45, 2: vertical, 3: 135
-    padded = F.pad(magnitude, (1, 1, 1, 1))
-    h, w = magnitude.shape[-2:]
-
-    def shifted(dy: int, dx: int) -> Tensor:
-        return padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-
-    # neighbours along the gradient for each sector (rows grow downwards: gy > 0 points down)
-    steps = [(0, 1), (1, 1), (1, 0), (1, -1)]
-    keep = torch.zeros_like(magnitude, dtype=torch.bool)
-    for s, (dy, dx) in enumerate(steps):
-        ahead = magnitude > shifted(dy, dx) if dy and dx else magnitude >= shifted(dy, dx)  # diagonals: strict
-        is_max = ahead & (magnitude > shifted(-dy, -dx))
-        keep |= (sector == s) & is_max
-    return magnitude * keep
-
-
-def hysteresis(strong: Tensor, weak: Tensor, max_iterations: int | None = None) -> Tensor:
-    """Edges: strong pixels plus weak pixels 8-connected to a strong one through weak pixels (bool masks)."""
-    edges, weak = strong, weak | strong
-    limit = max_iterations if max_iterations is not None else strong.shape[-1] * strong.shape[-2]
-    for _ in range(limit):
-        grown = (F.max_pool2d(edges.float(), 3, stride=1, padding=1) > 0) & weak
-        if torch.equal(grown, edges):
-            break
-        edges = grown
-    return edges
-
-
 def canny(video: Tensor, low: float = 100.0, high: float = 200.0, sigma: float = 0.0) -> Tensor:
-    """Canny edges of an RGB (or grey) video in [0, 1]: (B, C, T, H, W) -> (B, 1, T, H, W) of 0 / 1.
-    `low` / `high`: hysteresis thresholds in OpenCV's units, on the 3x3 Sobel of the 8-bit grey frame (a ramp
-    rising one level a pixel has magnitude 8; a sharp step of d levels, 4 d): a pixel above `high` starts an
-    edge, one above `low` continues it. `sigma` > 0 blurs first (OpenCV's Canny does not). The magnitude is
-    |gx| + |gy|, as OpenCV's default. The defaults are `cv2.Canny(grey, 100, 200)`; on 8-bit grey frames the
-    integer gradients are exact in float, so the thresholds cut where OpenCV's do."""
+    """Canny edges of an RGB (or grey) video in [0, 1]: (B, C, T, H, W) -> (B, 1, T, H, W) of 0 / 1, by OpenCV's
+    `cv2.Canny` on each frame's 8-bit grey image (`cv2.cvtColor` RGB -> grey), the call ControlNet-style canny
+    annotators make. `low` / `high`: OpenCV's hysteresis thresholds on the 3x3 Sobel of the 8-bit frame (a ramp
+    rising one level a pixel has magnitude 8; a sharp step of d levels, 4 d) with its default L1 magnitude: a
+    pixel above `high` starts an edge, one above `low` continues it. `sigma` > 0 blurs first (`cv2.GaussianBlur`;
+    OpenCV's Canny itself does not). Frames go to the host and back (OpenCV runs on CPU)."""
     if not 0 <= low <= high:
         raise ValueError(f"canny thresholds need 0 <= low <= high, got {low}, {high}")
     if sigma < 0:
         raise ValueError(f"canny's blur sigma must be >= 0, got {sigma}")
     frames, bt = _frames(video.float())
-    if frames.shape[1] == 3:
-        frames = sum(weight * frames[:, i:i + 1] for i, weight in enumerate(_LUMA))
-    elif frames.shape[1] != 1:
+    if frames.shape[1] not in (1, 3):
         raise ValueError(f"canny takes RGB or grey video, got {frames.shape[1]} channels")
-    grey = torch.floor(frames.clamp(0.0, 1.0) * 255 + 0.5)  # 8-bit levels, rounded as OpenCV's RGB -> grey
-    gx, gy = (8 * g for g in sobel(_gaussian_blur(grey, sigma) if sigma > 0 else grey))  # x 8: exact
-    thin = non_max_suppression(gx.abs() + gy.abs(), gx, gy)
-    edges = hysteresis(thin > high, thin > low)
-    return _video(edges.to(video.dtype if video.is_floating_point() else torch.float32), bt)
+    cv2 = _opencv()
+    levels = torch.floor(frames.clamp(0.0, 1.0) * 255 + 0.5).to(torch.uint8).cpu()  # the 8-bit frames
+    rgb = frames.shape[1] == 3
+    edges = []
+    for frame in levels.permute(0, 2, 3, 1).numpy():  # (H, W, C)
+        grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) if rgb else frame[..., 0].copy()
+        if sigma > 0:
+            grey = cv2.GaussianBlur(grey, (0, 0), sigma)
+        edges.append(torch.from_numpy(cv2.Canny(grey, float(low), float(high))))
+    found = torch.stack(edges)[:, None].to(video.device) > 0
+    return _video(found.to(video.dtype if video.is_floating_point() else torch.float32), bt)
+
+
+def _opencv() -> Any:
+    try:
+        import cv2
+    except ImportError as exc:  # a runtime requirement (requirements.txt); say which package
+        raise ImportError("canny structure signals need OpenCV: pip install opencv-python-headless") from exc
+    return cv2
 
 
 # ------------------------------------------------------------------------------------ network signals
@@ -246,5 +201,5 @@ def signal_extractor(kind: str, model_path: str | None = None, sketch_arch: str 
 
 
 __all__ = ["FrameSignal", "LEVELS", "SIGNAL_KINDS", "add_signal_source_args", "canny", "check_signal_source",
-           "from_levels", "hysteresis", "load_depth_estimator", "load_sketch_model", "non_max_suppression",
-           "resolve_callable", "signal_extractor", "sobel", "to_levels"]
+           "from_levels", "load_depth_estimator", "load_sketch_model", "resolve_callable", "signal_extractor",
+           "to_levels"]

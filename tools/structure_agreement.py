@@ -25,18 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--structure-video", required=True, help="the video the structure signal was extracted from")
     p.add_argument("--tolerance", type=int, default=1, help="pixels an edge may be off and still match")
     a = p.parse_args(argv)
-    if a.tolerance < 0:  # (edge_agreement refuses it too, but only after the videos are read)
+    if a.tolerance < 0:  # (StructureEdges.agreement refuses it too, but only after the videos are read)
         raise SystemExit(f"--tolerance must be >= 0 pixels, got {a.tolerance}")
     for path in (a.structure_video, *a.samples):
         if not Path(path).is_file():
             raise SystemExit(f"no such video file: {path}")
-    from megatron_video.evaluation.structure import edge_agreement, frames_to_video
+    from megatron_video.evaluation.structure import StructureEdges, frames_to_video
     from megatron_video.sampling.video import read_mp4
 
-    structure = frames_to_video(read_mp4(a.structure_video))
+    structure = StructureEdges(frames_to_video(read_mp4(a.structure_video)))  # its edges once, for every sample
     for path in a.samples:
         try:
-            score = edge_agreement(frames_to_video(read_mp4(path)), structure, a.tolerance)
+            score = structure.agreement(frames_to_video(read_mp4(path)), a.tolerance)
         except ValueError as exc:  # another size or length than the structure video
             raise SystemExit(f"{path}: {exc}") from None
         if not score.structure_edges:

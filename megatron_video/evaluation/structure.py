@@ -35,20 +35,43 @@ def _dilate(edges: Tensor, tolerance: int) -> Tensor:
     return F.max_pool2d(edges, 2 * tolerance + 1, stride=1, padding=tolerance)
 
 
+def _check(sample_shape: torch.Size, structure_shape: torch.Size) -> None:
+    if sample_shape != structure_shape or len(sample_shape) != 4 or sample_shape[0] != 3:
+        raise ValueError(f"edge agreement needs two RGB videos (3, T, H, W) of one size, got {tuple(sample_shape)} "
+                         f"and the structure's {tuple(structure_shape)}")
+
+
+def _edges(video: Tensor) -> Tensor:
+    """RGB video (3, T, H, W) in [0, 1] -> its Canny edges (T, 1, H, W) of 0 / 1."""
+    return canny(video[None].float())[0].transpose(0, 1)
+
+
+class StructureEdges:
+    """A structure video's Canny edges, computed once, to score any number of samples against."""
+
+    def __init__(self, structure: Tensor) -> None:
+        _check(structure.shape, structure.shape)
+        self.shape, self.edges = structure.shape, _edges(structure)
+
+    def agreement(self, sample: Tensor, tolerance: int = 1) -> EdgeAgreement:
+        """`sample`: an RGB video (3, T, H, W) in [0, 1] of the structure's size; edges matched within
+        `tolerance` pixels, over all frames."""
+        _check(sample.shape, self.shape)
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
+        a, b = _edges(sample), self.edges
+        a_count, b_count = float(a.sum()), float(b.sum())
+        precision = float((a * _dilate(b, tolerance)).sum()) / a_count if a_count else 0.0
+        recall = float((b * _dilate(a, tolerance)).sum()) / b_count if b_count else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return EdgeAgreement(precision, recall, f1, int(a_count), int(b_count))
+
+
 def edge_agreement(sample: Tensor, structure: Tensor, tolerance: int = 1) -> EdgeAgreement:
     """`sample`, `structure`: RGB videos (3, T, H, W) in [0, 1] of one size (the structure: the video the signal
     was extracted from). Canny edges of both, matched within `tolerance` pixels, over all frames."""
-    if sample.shape != structure.shape or sample.dim() != 4 or sample.shape[0] != 3:
-        raise ValueError(f"edge agreement needs two RGB videos (3, T, H, W) of one size, got {tuple(sample.shape)} "
-                         f"and the structure's {tuple(structure.shape)}")
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
-    a, b = (canny(video[None].float())[0].transpose(0, 1) for video in (sample, structure))  # (T, 1, H, W)
-    a_count, b_count = float(a.sum()), float(b.sum())
-    precision = float((a * _dilate(b, tolerance)).sum()) / a_count if a_count else 0.0
-    recall = float((b * _dilate(a, tolerance)).sum()) / b_count if b_count else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return EdgeAgreement(precision, recall, f1, int(a_count), int(b_count))
+    _check(sample.shape, structure.shape)
+    return StructureEdges(structure).agreement(sample, tolerance)
 
 
 def frames_to_video(frames: np.ndarray | Tensor) -> Tensor:
@@ -59,4 +82,4 @@ def frames_to_video(frames: np.ndarray | Tensor) -> Tensor:
     return video.permute(3, 0, 1, 2).float() / 255.0
 
 
-__all__ = ["EdgeAgreement", "edge_agreement", "frames_to_video"]
+__all__ = ["EdgeAgreement", "StructureEdges", "edge_agreement", "frames_to_video"]

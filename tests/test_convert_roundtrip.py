@@ -4,6 +4,7 @@ the file layouts it writes, and its strict errors."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -180,7 +181,9 @@ def test_full_width_round_trip(tmp_path: Path) -> None:
     common = ["--model-config", _config_file(tmp_path)]
     assert cli("import", src, tmp_path / "leg", "--format", "legacy", "--tp", 2, "--pp", 2, *common) == 0
     assert cli("reshard", tmp_path / "leg", tmp_path / "tp4", "--tp", 4) == 0
+    shutil.rmtree(tmp_path / "leg")  # each full-width copy is GBs; keep at most three on disk
     assert cli("export", tmp_path / "tp4", "--safetensors", tmp_path / "out.safetensors") == 0
+    shutil.rmtree(tmp_path / "tp4")
     assert_same_tensors(src, tmp_path / "out.safetensors")
 
 

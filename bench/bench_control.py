@@ -31,8 +31,8 @@ class _Step:
     def __init__(self, model, inputs: dict, target: torch.Tensor) -> None:
         self.model, self.inputs, self.target, self.times = model, inputs, target, []
         params = [p for p in model.parameters() if p.requires_grad]
-        # the multi-tensor Adam the stack's optimizer uses on host parameters (optim/builder.py use_foreach_on_host)
-        self.optimizer = torch.optim.Adam(params, lr=1e-5, foreach=True) if params else None
+        # the fused Adam the stack's optimizer uses on host parameters (optim/builder.py use_fast_host_kernels)
+        self.optimizer = torch.optim.Adam(params, lr=1e-5, fused=True) if params else None
 
     def __call__(self, record: bool) -> None:
         start = time.perf_counter()

@@ -185,7 +185,7 @@ def _extreme_entries_on_disk(root: str | None) -> list[dict[str, Any]]:
 
 def resume(args: argparse.Namespace, parts: Any, data: Any, state: TrainState, log: Any) -> None:
     """Load `--load`: everything for an exact resume, or only the weights with --finetune / --no-load-optim."""
-    from megatron_video.optim.builder import use_foreach_on_host
+    from megatron_video.optim.builder import use_fast_host_kernels
     from megatron_video.training.checkpoint_state import check_optimizer_kind, load_optimizer_state
     from megatron_video.training.components import materialize_optimizer_state
 
@@ -200,7 +200,7 @@ def resume(args: argparse.Namespace, parts: Any, data: Any, state: TrainState, l
     parts.module.load_state_dict(loaded["model"], strict=parts.frozen_prefix is None)  # a frozen base: not saved
     if not weights_only:
         load_optimizer_state(parts.optimizer, loaded["optimizer"], parts.checkpointed_state())
-        use_foreach_on_host(parts.optimizer.optimizer)  # loading restored the saved param-group options
+        use_fast_host_kernels(parts.optimizer.optimizer)  # loading restored the saved param-group options
         if parts.ema is not None:
             # a rank whose optimizer range holds no parameter has no EMA entry (dist_checkpointing drops the
             # empty dict); load_sharded_state_dict still insists on every range the rank does hold

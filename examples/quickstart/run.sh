@@ -10,8 +10,9 @@
 #
 # The EMA (decay 0.9999) barely moves in 16 steps; it is exported for the format, the trained weights for the check.
 # The encoders are deterministic stand-ins (no weights can be downloaded here): a space-to-depth "VAE" (4x4 pixel
-# blocks -> 48 channels, exactly invertible, not learned) and a stub text encoder (a fixed random vector per word,
-# so the colour, shape and direction words of a caption are told apart); on a cluster build the cache
+# blocks -> 48 channels, exactly invertible, not learned) and a stub text encoder (a fixed random vector per word
+# plus one per position, so the colour, shape and direction words of a caption and their order are told apart);
+# on a cluster build the cache
 # with the real WF-VAE / T5 / CLIP (tools/cache_features.py --encoders osp ...).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

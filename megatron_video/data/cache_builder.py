@@ -287,8 +287,11 @@ def stub_encoders(latent_channels: int = 4, factors: Sequence[int] = (8, 8, 8), 
 
     The text stand-in gives every word (lower case, punctuation stripped) its own fixed random vector, seeded by
     the word's CRC-32, so different words are told apart the way a real encoder's states are (a caption's colour,
-    shape and direction words steer a model trained on them); the pooled vector is the mean of the words' pooled
-    parts. Up to `text_len - 1` words and an end token; the empty caption is the end token alone."""
+    shape and direction words steer a model trained on them). Each state also carries a fixed random vector of
+    its position, as a real encoder's states depend on word order: the MMDiT's text tokens have no positional
+    encoding of their own, so without it "left to right" and "right to left" would reach the model as the same
+    set of states. The pooled vector is the mean of the words' pooled parts (order-free). Up to `text_len - 1`
+    words and an end token; the empty caption is the end token alone."""
     ft, fh, fw = factors
 
     def video(x: torch.Tensor) -> torch.Tensor:
@@ -301,6 +304,9 @@ def stub_encoders(latent_channels: int = 4, factors: Sequence[int] = (8, 8, 8), 
         gen = torch.Generator().manual_seed(zlib.crc32(word.encode("utf-8")))
         return torch.randn(text_dim + pooled_dim, generator=gen)
 
+    # one fixed vector per token position (seeded apart from the words' CRC-32 seeds)
+    positions = torch.randn(text_len, text_dim, generator=torch.Generator().manual_seed(2**40))
+
     def text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = len(captions)
         hidden = torch.zeros(b, text_len, text_dim)
@@ -311,7 +317,7 @@ def stub_encoders(latent_channels: int = 4, factors: Sequence[int] = (8, 8, 8), 
             words = [w for w in words if w][: text_len - 1]
             vectors = torch.stack([word_vector(w) for w in words] + [word_vector("</s>")])
             n = vectors.shape[0]  # + the end token, so "" still has one valid token
-            hidden[i, :n] = vectors[:, :text_dim]
+            hidden[i, :n] = (vectors[:, :text_dim] + positions[:n]) * 0.5 ** 0.5  # unit variance, as each part
             mask[i, :n] = True
             pooled[i] = vectors[:, text_dim:].mean(0)
         return hidden, mask, pooled

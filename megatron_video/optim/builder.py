@@ -146,7 +146,7 @@ def use_fast_host_kernels(optimizer: Any) -> int:
     Without TransformerEngine or apex, megatron-core builds torch's optimizer with neither `fused` nor `foreach`
     set, and torch then takes its per-tensor Python loop for CPU tensors (it defaults to `foreach` only on
     accelerators). The fused CPU Adam updates each tensor in one vectorised pass: for the small preset's 379
-    tensors 3.2 ms a step against 11-14 ms on the multi-tensor path (bench/bench_train_step.py; the loop is
+    tensors 3.2 ms a step against 11-14 ms on the multi-tensor path (docs/PERFORMANCE.md; the loop is
     slower still). Same formula; the rounding of single elements differs from the other paths' in the last
     bit. Groups that set `fused` (True or False) and groups on an accelerator are left alone; a group that an
     older checkpoint restored with `foreach` set moves to the fused kernel. Returns the number of groups

@@ -72,5 +72,8 @@ def test_tool_writes_prompts_and_counts_the_samples_that_follow(tmp_path: Path):
     (samples / "sample_0000.json").write_text(json.dumps({"prompt": "A red blob wanders about."}))
     bad = subprocess.run([*TOOL, str(samples)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not name one of" in bad.stderr and "Traceback" not in bad.stderr
+    (samples / "sample_0000.json").write_text("{not json")
+    broken = subprocess.run([*TOOL, str(samples)], capture_output=True, text=True, timeout=120)
+    assert broken.returncode == 2 and "not a tools/sample.py record" in broken.stderr
     empty = subprocess.run([*TOOL, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert empty.returncode == 2 and "no sample_*.json" in empty.stderr

@@ -62,8 +62,11 @@ def score(directory: Path, min_shift: float) -> tuple[int, int]:
         raise SystemExit(f"no sample_*.json in {directory} (the output directory of tools/sample.py)")
     follows = 0
     for record in records:
-        caption = json.loads(record.read_text())["prompt"]
-        match = CAPTION.match(caption)
+        try:
+            caption = json.loads(record.read_text())["prompt"]
+        except (ValueError, KeyError, TypeError):
+            raise SystemExit(f"{record}: not a tools/sample.py record (JSON with a \"prompt\")") from None
+        match = CAPTION.match(str(caption))
         if match is None or match["colour"] not in data.COLOURS or match["direction"] not in data.DIRECTIONS:
             raise SystemExit(f"{record}: the caption {caption!r} does not name one of make_sample_dataset.py's "
                              "colours and directions as 'A <colour> <circle|square> moves <direction> across a "

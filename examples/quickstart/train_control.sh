@@ -2,10 +2,12 @@
 # A canny structure controller on the quickstart's base, on a CPU machine: run examples/quickstart/train_to_video.sh
 # first (same OUT); this trains the controller on its data with the base frozen, exports it, samples held-out clips'
 # captions under their own canny edges with and without the controller (same seed), and scores how closely each
-# sample's edges follow the clip's (tools/structure_agreement.py). 3 min 23 s on 2 cores (2 ranks, defaults; measured
-# 2026-12-05 06:13 UTC after train_to_video.sh from scratch). Edge F1, base -> controlled: clip 0 (yellow circle on
-# olive) 0.46 -> 0.71, clip 1 (orange square on olive) 0.32 -> 0.61, clip 3 (white square on navy) 0.45 -> 0.62;
-# clip 2 (blue on dark grey) has too little contrast for Canny edges at all. A quarter-width, one-block encoder
+# sample's edges follow the clip's (tools/structure_agreement.py). 3 min 15 s on 2 cores (2 ranks, defaults; measured
+# 2026-12-05 07:24 UTC after train_to_video.sh from scratch, 1,600 iterations). Edge F1, base -> controlled: clip 0
+# (yellow circle on olive) 0.74 -> 0.76, clip 1 (orange square on olive) 0.60 -> 0.67, clip 3 (white square on
+# navy) 0.69 -> 0.83; clip 2 (blue on dark grey) has too little contrast for Canny edges at all. The base alone
+# already moves its shapes as captioned; on the 1,300-iteration base, whose shapes broke up, the controller took
+# 0.46 / 0.32 / 0.45 to 0.71 / 0.61 / 0.62. A quarter-width, one-block encoder
 # (CONTROL_BLOCKS=1 CONTROL_WIDTH=64, 2 min 42 s; on a base of the day before, whose samples score 0.35, 0.41,
 # 0.46, and with the torch Canny that preceded OpenCV's): 0.66, 0.59, 0.56; the default there: 0.67, 0.61, 0.60.
 # sample data's canny signals beside the latents (the stand-in VAE: no temporal compression, 4x4 pixels per latent

@@ -164,3 +164,65 @@ def test_planner_exposes_what_the_trainer_does_not_hide() -> None:
     # gather overlap off: its whole time is exposed
     assert DataParallelOverlap(True, False).exposed(4.0, 2.0, 100.0, 100.0, 10) == pytest.approx(2.4)
 
+
+
+def ema_evaluation_worker() -> list[dict]:
+    """Three DP2 steps with an evaluation forward on the EMA weights after the first, overlap off and on."""
+    from megatron.core import parallel_state as mpu
+
+    from megatron_video.arguments import build_parser, validate_args
+    from megatron_video.diffusion import build_objective
+    from megatron_video.evaluation.runner import evaluation_weights
+    from megatron_video.models.suv_mmdit.config import suv_config
+    from megatron_video.parallel import initialize_parallel, set_seed
+    from megatron_video.parallel.pipeline import batch_pipeline_shapes, run_forward_backward
+    from megatron_video.training.components import build_components
+    from megatron_video.training.loop import make_forward_step, t2v_inputs
+
+    cfg, objective = suv_config("tiny"), build_objective("rectified_flow")
+    out = []
+    for overlap in (False, True):
+        initialize_parallel()
+        set_seed(0)
+        args = build_parser().parse_args(["--use-distributed-optimizer", "--micro-batch-size", "2", "--lr", "1e-2",
+                                          "--adam-eps", "1e-4", "--ema-decay", "0.5",
+                                          *(OVERLAP if overlap else [])])
+        validate_args(args, world_size=2)
+        parts = build_components(args, cfg, train_iters=3)
+        dp_rank = mpu.get_data_parallel_rank()
+        record = {"losses": [], "eval": None, "buckets": len(parts.model.bucket_groups)}
+        for step in range(3):
+            batch = _batch(cfg, dp_rank, step)
+            parts.model.zero_grad_buffer()
+            parts.optimizer.zero_grad()
+            recv, send = batch_pipeline_shapes(parts.module, [batch])
+            losses = run_forward_backward(make_forward_step(objective, t2v_inputs, 0, step), iter([batch]),
+                                          parts.model, 1, 2, recv, send)
+            record["losses"] += [d["loss"].item() for d in losses]
+            parts.optimizer.step()
+            parts.ema.update()
+            if step == 0:  # what Evaluator.run and TrainingSampler.run do around their forwards
+                with evaluation_weights(parts, use_ema=True), torch.no_grad():
+                    losses = run_forward_backward(make_forward_step(objective, t2v_inputs, 0, 99),
+                                                  iter([_batch(cfg, dp_rank, 99)]), parts.model, 1, 2, recv, send,
+                                                  forward_only=True)
+                record["eval"] = losses[0]["loss"].item()
+        parts.sync_params()
+        record["weights"] = {n: p.detach().clone() for n, p in parts.module.named_parameters()}
+        out.append(record)
+    return out
+
+
+@pytest.mark.slow
+def test_evaluation_on_ema_weights_keeps_the_next_steps_exact():
+    """With --overlap-param-gather a step leaves the model holding only this rank's shard of the new weights; an
+    evaluation on the EMA weights between two steps must neither compute with stale weights nor leave them behind
+    for the next training forward (it did: the EMA swap saved and restored the stale copy, and megatron, having
+    gathered during the evaluation, did not gather again)."""
+    for off, on in run_distributed(ema_evaluation_worker, 2, timeout=600):
+        assert off["buckets"] == 1 and on["buckets"] > 3
+        assert on["eval"] == pytest.approx(off["eval"], rel=1e-6, abs=0)
+        torch.testing.assert_close(on["losses"], off["losses"], rtol=1e-6, atol=0)
+        for name, weight in off["weights"].items():
+            torch.testing.assert_close(on["weights"][name], weight, rtol=0, atol=1e-5 * float(weight.abs().max()),
+                                       msg=f"weight {name}")

@@ -41,6 +41,18 @@ def ema_weights(module: torch.nn.Module, ema: Any) -> Iterator[None]:
                 params[name].copy_(value)
 
 
+@contextlib.contextmanager
+def evaluation_weights(parts: Any, use_ema: bool) -> Iterator[None]:
+    """The weights an evaluation or a sample computes with: the EMA's inside the block if `use_ema`, else the
+    model's. Either way the parameter all-gather of --overlap-param-gather is finished first, as Megatron-LM does
+    before its evaluation: after a step the model holds only this rank's shard of the new weights until the next
+    forward gathers the rest, so the EMA swap would save (and put back) a stale copy, and megatron, whose gather
+    ran during the evaluation, would not gather again before the next training forward."""
+    parts.sync_params()
+    with ema_weights(parts.module, parts.ema) if use_ema else contextlib.nullcontext():
+        yield
+
+
 class Evaluator:
     """Runs the evaluation loss every `--eval-interval` iterations and after the last one (as Megatron-LM)."""
 
@@ -92,7 +104,7 @@ class Evaluator:
 
     def run(self, parts: Any, encode: Callable) -> EvalResult:
         use_ema = self.args.eval_ema and parts.ema is not None
-        with ema_weights(parts.module, parts.ema) if use_ema else contextlib.nullcontext():
+        with evaluation_weights(parts, use_ema):
             return evaluate_batches(parts.model, parts.module, self.objective, self.batches(encode),
                                     self.prepare_inputs, self.args.micro_batch_size, self.held_out.num_timesteps,
                                     self.held_out.seed)
@@ -148,4 +160,4 @@ def build_hooks(args: argparse.Namespace, dp_rank: int, dp_size: int, objective:
 
 
 __all__ = ["Evaluator", "TrainingHooks", "build_evaluator", "build_hooks", "ema_weights", "eval_data_config",
-           "maybe_evaluate"]
+           "evaluation_weights", "maybe_evaluate"]

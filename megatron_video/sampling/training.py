@@ -12,7 +12,6 @@ repeat the work instead of exchanging videos), and the TensorBoard rank (the las
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -161,13 +160,13 @@ class TrainingSampler:
 
     def run(self, parts: Any, iteration: int, log: Any) -> list[torch.Tensor]:
         """Sample every prompt; returns the decoded videos on the logging rank (empty elsewhere)."""
-        from megatron_video.evaluation.runner import ema_weights
+        from megatron_video.evaluation.runner import evaluation_weights
         from megatron_video.sampling.sampler import initial_noise, sample
         from megatron_video.sampling.video import log_video, to_frames
 
         use_ema = self.args.eval_ema and parts.ema is not None
         videos = []
-        with ema_weights(parts.module, parts.ema) if use_ema else contextlib.nullcontext():
+        with evaluation_weights(parts, use_ema):
             for index, prompt in enumerate(self.prompts):
                 noise = initial_noise(self.latent, [self.args.seed + index], self.device)
                 negative = self.encode_text([""]) if self.config.guidance_scale != 1.0 else None

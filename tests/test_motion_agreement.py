@@ -77,3 +77,16 @@ def test_tool_writes_prompts_and_counts_the_samples_that_follow(tmp_path: Path):
     assert broken.returncode == 2 and "not a tools/sample.py record" in broken.stderr
     empty = subprocess.run([*TOOL, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert empty.returncode == 2 and "no sample_*.json" in empty.stderr
+
+
+def test_every_caption_the_data_set_writes_parses_back():
+    """The data set's caption form (make_sample_dataset.caption) and the tool's parser cannot drift apart."""
+    tool = load_tool("motion_agreement")
+    for colour in DATA.COLOURS:
+        for direction in DATA.DIRECTIONS:
+            for background in DATA.BACKGROUNDS:
+                for shape in ("circle", "square"):
+                    match = tool.CAPTION.match(DATA.caption(colour, shape, direction, background))
+                    assert match is not None, (colour, direction, background, shape)
+                    assert match.group("colour", "shape", "direction", "background") == (
+                        colour, shape, direction, background)

@@ -36,6 +36,11 @@ DIRECTIONS = {"left to right": (1, 0), "right to left": (-1, 0), "top to bottom"
               "bottom to top": (0, -1), "diagonally down and to the right": (1, 1)}
 
 
+def caption(colour: str, shape: str, direction: str, background: str) -> str:
+    """The one caption form of the sample data (tools/motion_agreement.py writes its prompts with it and parses it)."""
+    return f"A {colour} {shape} moves {direction} across a {background} background."
+
+
 def draw(h: int, w: int, bg: tuple, fg: tuple, shape: str, cx: float, cy: float, r: float) -> np.ndarray:
     img = np.empty((h, w, 3), np.uint8)
     img[:] = bg
@@ -93,7 +98,7 @@ def make(out: Path, num_videos: int = 16, num_images: int = 6, seed: int = 0,
         name = f"videos/clip_{i:03d}.mp4"
         write_video(out / name, frames, fps)
         speed = 0.7 * max(h, w) / n  # pixels per frame, a stand-in motion score
-        cap = f"A {fg_name} {shape} moves {direction} across a {bg_name} background."
+        cap = caption(fg_name, shape, direction, bg_name)
         caps = [cap, f"{fg_name} {shape} on {bg_name}, moving {direction}"] if i % 3 == 0 else cap
         entry = {"path": name, "cap": caps, "resolution": {"height": h, "width": w}, "num_frames": n,
                  "fps": fps,

@@ -47,7 +47,7 @@ def prompts(per_direction: int) -> list[str]:
         for _ in range(per_direction):
             colour, shape = PROMPT_SHAPES[k % len(PROMPT_SHAPES)]
             background = PROMPT_BACKGROUNDS[k % len(PROMPT_BACKGROUNDS)]
-            out.append(f"A {colour} {shape} moves {direction} across a {background} background.")
+            out.append(data.caption(colour, shape, direction, background))
             k += 1
     return out
 

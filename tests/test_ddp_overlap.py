@@ -226,3 +226,64 @@ def test_evaluation_on_ema_weights_keeps_the_next_steps_exact():
         for name, weight in off["weights"].items():
             torch.testing.assert_close(on["weights"][name], weight, rtol=0, atol=1e-5 * float(weight.abs().max()),
                                        msg=f"weight {name}")
+
+
+def controller_worker() -> list[dict]:
+    """Four DP2 steps of a structure controller on a frozen (random) base, overlap off and on."""
+    from megatron.core import parallel_state as mpu
+
+    from megatron_video.arguments import build_parser, validate_args
+    from megatron_video.control.training import control_inputs
+    from megatron_video.diffusion import build_objective
+    from megatron_video.models.control import ControlConfig, ControlledSUV
+    from megatron_video.models.suv_mmdit.config import suv_config
+    from megatron_video.parallel import initialize_parallel, set_seed
+    from megatron_video.parallel.pipeline import batch_pipeline_shapes, run_forward_backward
+    from megatron_video.training.components import ModelWrap, build_components
+    from megatron_video.training.loop import make_forward_step
+
+    cfg, objective = suv_config("tiny"), build_objective("rectified_flow")
+    control = ControlConfig(signal_channels=1, temporal_downsample=2, spatial_downsample=2, conv_channels=8,
+                            num_blocks=2)
+
+    def wrap(args, denoiser):
+        return ModelWrap(ControlledSUV(denoiser, control), frozen_prefix="base.")
+
+    out = []
+    for overlap in (False, True):
+        initialize_parallel()
+        set_seed(0)
+        args = build_parser().parse_args(["--use-distributed-optimizer", "--micro-batch-size", "2", "--lr", "1e-2",
+                                          "--adam-eps", "1e-4", "--ema-decay", "0", *(OVERLAP if overlap else [])])
+        validate_args(args, world_size=2)
+        parts = build_components(args, cfg, train_iters=4, wrap=wrap)
+        dp_rank = mpu.get_data_parallel_rank()
+        record = {"losses": [], "buckets": len(parts.model.bucket_groups)}
+        for step in range(4):
+            batch = _batch(cfg, dp_rank, step)
+            g = torch.Generator().manual_seed(7 * step + dp_rank)
+            batch["structure"] = torch.randn(2, 1, *control.pixel_shape(tuple(batch["x0"].shape[2:])), generator=g)
+            parts.model.zero_grad_buffer()
+            parts.optimizer.zero_grad()
+            recv, send = batch_pipeline_shapes(parts.module, [batch])
+            losses = run_forward_backward(make_forward_step(objective, control_inputs, 0, step), iter([batch]),
+                                          parts.model, 1, 2, recv, send)
+            record["losses"] += [d["loss"].item() for d in losses]
+            parts.optimizer.step()
+        parts.sync_params()
+        record["weights"] = {n: p.detach().clone() for n, p in parts.module.controller.named_parameters()}
+        out.append(record)
+    return out
+
+
+@pytest.mark.slow
+def test_controller_training_with_overlap_equals_without():
+    """The structure controller's forward reads every weight through its own module, so the gathered weights are
+    the ones it computes with (it read its first convolution's and, at TP = 1, its projectors' directly before
+    2026-12-05: tests/test_param_reads.py)."""
+    for off, on in run_distributed(controller_worker, 2, timeout=600):
+        assert off["buckets"] == 1 and on["buckets"] > 3
+        torch.testing.assert_close(on["losses"], off["losses"], rtol=1e-6, atol=0)
+        for name, weight in off["weights"].items():
+            torch.testing.assert_close(on["weights"][name], weight, rtol=0, atol=1e-5 * float(weight.abs().max()),
+                                       msg=f"weight {name}")

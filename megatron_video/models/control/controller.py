@@ -102,6 +102,34 @@ def fold_to_latent_grid(video: Tensor, conv: nn.Conv3d, ft: int, fs: int) -> Ten
     return torch.cat([first, rest], dim=2)
 
 
+class LatentGridFold(nn.Conv3d):
+    """`fold_to_latent_grid` as a module holding its 1x1x1 convolution: called as a module, megatron's pre-forward
+    hook waits for its weights first (--overlap-param-gather gathers each module's own parameters there; a
+    forward that read a child's weights without calling it would compute with the previous step's)."""
+
+    def __init__(self, signal_channels: int, out_channels: int, ft: int, fs: int, dtype: torch.dtype) -> None:
+        super().__init__(signal_channels * ft * fs * fs, out_channels, 1, dtype=dtype)
+        self.ft, self.fs = ft, fs
+
+    def forward(self, video: Tensor) -> Tensor:
+        return fold_to_latent_grid(video, self, self.ft, self.fs)
+
+
+class ProjectionLinear(RowParallelLinear):
+    """Row-parallel; at TP = 1 one F.linear (megatron's TP autograd functions are identities there: their costs
+    are skipped). A module call either way, so megatron's pre-forward hook waits for its weights (see
+    LatentGridFold)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tensor_parallel = kwargs["config"].tensor_model_parallel_size
+
+    def forward(self, input_: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.tensor_parallel == 1:
+            return F.linear(input_, self.weight, self.bias), None
+        return super().forward(input_)
+
+
 def _zeros(weight: Tensor) -> None:
     nn.init.zeros_(weight)
 
@@ -155,8 +183,8 @@ class StructureEncoder(nn.Module):
         dtype, ch = config.params_dtype, control.conv_channels
         self.control, self.patch = control, cfg.patch_size
         self.width = control.width(cfg, config.tensor_model_parallel_size)
-        folded = control.signal_channels * control.temporal_downsample * control.spatial_downsample ** 2
-        self.conv_in = nn.Conv3d(folded, ch, 1, dtype=dtype)  # over the folded channels (fold_to_latent_grid)
+        self.conv_in = LatentGridFold(control.signal_channels, ch, control.temporal_downsample,
+                                      control.spatial_downsample, dtype)
         self.conv_mid = nn.Conv3d(ch, ch, 3, padding=1, dtype=dtype)
         p = cfg.patch_size
         self.patch_embed = nn.Conv3d(ch, self.width, (1, p, p), stride=(1, p, p), dtype=dtype)
@@ -169,8 +197,7 @@ class StructureEncoder(nn.Module):
         if signal.dim() != 5 or signal.shape[1] != self.control.signal_channels or tuple(signal.shape[2:]) != expected:
             raise ValueError(f"structure signal must be (B, {self.control.signal_channels}, *{expected}) for this "
                              f"latent, got {tuple(signal.shape)}")
-        h = fold_to_latent_grid(signal.to(self.conv_in.weight.dtype), self.conv_in,
-                                self.control.temporal_downsample, self.control.spatial_downsample)
+        h = self.conv_in(signal.to(self.conv_in.weight.dtype))
         h = F.silu(self.conv_mid(F.silu(h)))
         r = self.patch_embed(h).flatten(2).permute(2, 0, 1)  # (N, B, D), (t, h, w) order
         for block in self.blocks:
@@ -186,16 +213,14 @@ class Projector(nn.Module):
         super().__init__()
         self.width, self.tensor_parallel = width, config.tensor_model_parallel_size
         self.linears = nn.ModuleDict({
-            str(j): RowParallelLinear(width, cfg.hidden_size, config=config, init_method=_zeros, bias=True,
-                                      input_is_parallel=True, skip_bias_add=False)
+            str(j): ProjectionLinear(width, cfg.hidden_size, config=config, init_method=_zeros, bias=True,
+                                     input_is_parallel=True, skip_bias_add=False)
             for j in blocks})
 
     def forward(self, index: int, rows: Tensor) -> Tensor:
         """rows (S, B, width) of R, whole on every TP rank -> F_j (this rank's shard under SP)."""
         linear = self.linears[str(index)]
-        if self.tensor_parallel == 1:  # megatron's TP autograd functions are identities here; skip their costs
-            return F.linear(rows, linear.weight, linear.bias)
-        return linear(scatter_to_tensor_model_parallel_region(rows))[0]
+        return linear(rows if self.tensor_parallel == 1 else scatter_to_tensor_model_parallel_region(rows))[0]
 
 
 def rows_in_block_layout(features: Tensor, block: SUVBlock, n_pad: int) -> Tensor:

@@ -46,6 +46,17 @@ def _interleaved(runs: dict[str, Callable[[], None]], reps: int) -> dict[str, tu
             for name, ts in times.items()}
 
 
+_UPSTREAM: dict[tuple[int, ...], torch.Tensor] = {}
+
+
+def _backward(outputs: tuple[torch.Tensor, ...], inputs: tuple[torch.Tensor, ...]) -> None:
+    """The backward as a block runs it: dense upstream gradients (fixed random ones per shape; `sum()` would
+    pass stride-0 ones) and the input gradients returned, not accumulated into `.grad`."""
+    grads = [_UPSTREAM.setdefault(tuple(o.shape), torch.randn(o.shape, generator=torch.Generator().manual_seed(1)))
+             for o in outputs]
+    torch.autograd.grad(outputs, inputs, grads)
+
+
 def bench_attention(n: int, text_len: int, heads: int, head_dim: int, reps: int, masks: bool,
                     ) -> dict[str, tuple[float, float]]:
     from megatron_video.models.attention import attention
@@ -63,7 +74,7 @@ def bench_attention(n: int, text_len: int, heads: int, head_dim: int, reps: int,
         def fn() -> None:
             out, out_text = joint_attention(*video, *text, video_valid, text_valid, k=k, mode=mode,
                                             scale=head_dim ** -0.5, attn_fn=attention)
-            (out.sum() + out_text.sum()).backward()
+            _backward((out, out_text), (*video, *text))
         return fn
 
     def run_in_order(k: int, mode: str) -> Callable[[], None]:
@@ -75,7 +86,7 @@ def bench_attention(n: int, text_len: int, heads: int, head_dim: int, reps: int,
         def fn() -> None:
             out, out_text = joint_attention_in_order(*moved, *text, key_valid, text_valid, k=k, mode=mode,
                                                      scale=head_dim ** -0.5, attn_fn=attention)
-            (out.sum() + out_text.sum()).backward()
+            _backward((out, out_text), (*moved, *text))
         return fn
 
     runs = {"dense (k=1)": run(1, "full")}

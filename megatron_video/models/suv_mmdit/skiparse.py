@@ -185,8 +185,13 @@ def joint_attention_in_order(
         text_valid = valid_or_all(text_valid, b, text_len, q_video.device).repeat(k, 1)
         key_valid = torch.cat([video_valid, text_valid], dim=1)
     out = attn_fn(joint(q_video, q_text), joint(k_video, k_text), joint(v_video, v_text), key_valid, scale=scale)
-    out_video = from_subsequences(out[:g].reshape(g, k, b, *out.shape[2:]), mode)
-    out_text = average_text(out[g:], k) if q_text is not None else None
+    out_text = None
+    if q_text is not None:
+        # split batch-major: the backward then joins the two gradients by one cat in the (k * B, S, heads, d)
+        # memory layout the kernels write and read, with no zero-filled buffer, no add and no copy of its own
+        video_rows, text_rows = out.transpose(0, 1).split([g, text_len], dim=1)
+        out, out_text = video_rows.transpose(0, 1), average_text(text_rows.transpose(0, 1), k)
+    out_video = from_subsequences(out.reshape(g, k, b, *out.shape[2:]), mode)
     return out_video, out_text
 
 

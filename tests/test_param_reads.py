@@ -80,3 +80,12 @@ def parallel_reads_worker() -> list[set[tuple[str, str]]]:
 def test_no_early_reads_under_tensor_sequence_and_context_parallelism():
     for rank_reads in run_distributed(parallel_reads_worker, 2, timeout=600):
         assert rank_reads == [set(), set()], rank_reads
+
+
+def test_inpainting_denoiser_reads_weights_only_through_its_modules(tp1):
+    from tests.test_inpaint_model import I2V, build, inputs
+
+    model = build(I2V)
+    with EarlyParameterReads(model) as reads:
+        model(**inputs(I2V))
+    assert reads.reads == set()

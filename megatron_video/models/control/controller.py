@@ -20,6 +20,7 @@ it does for the base model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,9 +121,9 @@ class ProjectionLinear(RowParallelLinear):
     are skipped). A module call either way, so megatron's pre-forward hook waits for its weights (see
     LatentGridFold)."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.tensor_parallel = kwargs["config"].tensor_model_parallel_size
+    def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig, **kwargs: Any) -> None:
+        super().__init__(input_size, output_size, config=config, **kwargs)
+        self.tensor_parallel = config.tensor_model_parallel_size
 
     def forward(self, input_: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.tensor_parallel == 1:

@@ -12,6 +12,9 @@ Without masks by default, as training runs (one latent shape per batch; the text
 length, training/data.py trim_text_padding, fills it at micro-batch 1); `--masks` passes all-True key masks, the
 masked kernel path of micro-batches whose captions differ in length.
 
+`--compile BACKEND` compiles the stack's elementwise regions as the trainer's `--compile` does (both models);
+`--part` times only the attention or only the stack.
+
 Runs interleave the variants and report medians. Example (CPU):
     PYTHONPATH=. python bench/bench_suv.py --grid 4 32 32 --heads 2 --head-dim 64 --reps 3 --threads 1
 """
@@ -98,7 +101,8 @@ def bench_attention(n: int, text_len: int, heads: int, head_dim: int, reps: int,
 
 
 def bench_stack(grid: tuple[int, int, int], text_len: int, heads: int, head_dim: int, sparse_n: tuple[int, ...],
-                layers: int, reps: int, masks: bool) -> dict[str, tuple[float, float]]:
+                layers: int, reps: int, masks: bool, compile_backend: str | None = None,
+                ) -> dict[str, tuple[float, float]]:
     from megatron_video.models.suv_mmdit import SUVMMDiT, suv_config
     from megatron_video.models.suv_mmdit.config import megatron_config
 
@@ -117,7 +121,8 @@ def bench_stack(grid: tuple[int, int, int], text_len: int, heads: int, head_dim:
     }
 
     def run(c, stage_order: bool = True) -> Callable[[], None]:
-        model = SUVMMDiT(c, megatron_config(c, params_dtype=torch.float32, use_cpu_initialization=True))
+        model = SUVMMDiT(c, megatron_config(c, params_dtype=torch.float32, use_cpu_initialization=True),
+                         compile_backend=compile_backend)
         model.use_stage_order(stage_order)
 
         def fn() -> None:
@@ -143,6 +148,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--masks", action="store_true", help="all-True key masks (the masked kernel path)")
+    parser.add_argument("--part", choices=("both", "attention", "stack"), default="both", help="what to time")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="the stack's elementwise regions compiled with this torch.compile backend, as the "
+                             "trainer's --compile (e.g. inductor; default: eager)")
     args = parser.parse_args()
     if len(args.sparse_n) % 2 != 1:
         parser.error("--sparse-n needs an odd number of stages")
@@ -160,12 +169,14 @@ def main() -> None:
     print(f"# tokens: video {n} + text {args.text_len}, heads {args.heads} x {args.head_dim}, fp32, "
           f"{torch.get_num_threads()} threads, median of {args.reps}, forward + backward, "
           f"{'all-True key masks' if args.masks else 'no masks'}")
-    attn_times = bench_attention(n, args.text_len, args.heads, args.head_dim, args.reps, args.masks)
-    _table("skiparse joint attention vs dense", attn_times, "dense (k=1)")
-    stack_times = bench_stack(tuple(args.grid), args.text_len, args.heads, args.head_dim, tuple(args.sparse_n),
-                              args.layers_per_stage, args.reps, args.masks)
-    _table(f"block stack ({args.layers_per_stage} block(s) per stage) vs k=1 everywhere", stack_times,
-           "same, k=1 everywhere")
+    if args.part in ("both", "attention"):
+        attn_times = bench_attention(n, args.text_len, args.heads, args.head_dim, args.reps, args.masks)
+        _table("skiparse joint attention vs dense", attn_times, "dense (k=1)")
+    if args.part in ("both", "stack"):
+        stack_times = bench_stack(tuple(args.grid), args.text_len, args.heads, args.head_dim, tuple(args.sparse_n),
+                                  args.layers_per_stage, args.reps, args.masks, args.compile)
+        _table(f"block stack ({args.layers_per_stage} block(s) per stage, {args.compile or 'eager'}) vs k=1 "
+               "everywhere", stack_times, "same, k=1 everywhere")
 
 
 def _table(title: str, times: dict[str, tuple[float, float]], reference: str) -> None:

@@ -32,7 +32,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, 
 from torch import Tensor, nn
 
 from megatron_video.models.suv_mmdit.config import SUVConfig
-from megatron_video.models.suv_mmdit.skiparse import pad_sequence, repeat_text, valid_or_all
+from megatron_video.models.suv_mmdit.skiparse import pad_sequence, repeat_text, split_rows, valid_or_all
 from megatron_video.models.suv_mmdit.skiparse_layout import (
     BlockPlan,
     Geometry,
@@ -233,13 +233,12 @@ class BlockContext:
             q = torch.cat([q, repeat_text(q_text, num_sub)], dim=0)
         key = torch.cat([key, repeat_text(k_text, num_sub)], dim=0)
         value = torch.cat([value, repeat_text(v_text, num_sub)], dim=0)
-        out = attn_fn(q, key, value, key_valid, scale=scale)
-        out_video = out[:length].reshape(length, num_sub, b, *out.shape[2:]).transpose(0, 1)
-        out_video = out_video.reshape(num_sub * length, b, *out.shape[2:])
+        out_video, out_text = split_rows(attn_fn(q, key, value, key_valid, scale=scale), length, q_text is not None)
+        rest = out_video.shape[2:]
+        out_video = out_video.reshape(length, num_sub, b, *rest).transpose(0, 1).reshape(num_sub * length, b, *rest)
         out_video = out_video.index_select(0, inverse)
-        out_text = None
-        if q_text is not None:  # this rank's share of the k-copy mean
-            out_text = out[length:].reshape(out.shape[0] - length, num_sub, b, *out.shape[2:]).sum(dim=1) / k
+        if out_text is not None:  # this rank's share of the k-copy mean
+            out_text = out_text.reshape(out_text.shape[0], num_sub, b, *rest).sum(dim=1) / k
         if d > 1:
             out_video = heads_to_seq(out_video, group)
         if out_text is not None:

@@ -124,12 +124,23 @@ def joint_attention(
     key = torch.cat([k_video, k_text], dim=0)
     value = torch.cat([v_video, v_text], dim=0)
     key_valid = None if dense else torch.cat([video_valid, text_valid], dim=1)
-    out = attn_fn(q, key, value, key_valid, scale=scale)
-    out_video, out_text = out[:n_video_q], (out[n_video_q:] if q_text is not None else None)
+    out_video, out_text = split_rows(attn_fn(q, key, value, key_valid, scale=scale), n_video_q, q_text is not None)
     if k > 1:
         out_video = from_skiparse(out_video, k, mode)[:n]
         out_text = average_text(out_text, k) if out_text is not None else None
     return out_video, out_text
+
+
+def split_rows(out: torch.Tensor, video_rows: int, has_text: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernel's output (S, B, heads, d) -> its video rows and text rows (None without text queries).
+
+    Split batch-major: the backward then joins the two gradients by one cat in the (B, S, heads, d) memory layout
+    the kernels write and read, with no zero-filled buffer, add or copy of its own (two slices would cost each a
+    zeroed buffer of the whole output and a copy, then an add)."""
+    if not has_text:
+        return out, None
+    video, text = out.transpose(0, 1).split([video_rows, out.shape[0] - video_rows], dim=1)
+    return video.transpose(0, 1), text.transpose(0, 1)
 
 
 def subsequences(x: torch.Tensor, k: int, mode: AttentionMode) -> torch.Tensor:
@@ -185,18 +196,13 @@ def joint_attention_in_order(
         text_valid = valid_or_all(text_valid, b, text_len, q_video.device).repeat(k, 1)
         key_valid = torch.cat([video_valid, text_valid], dim=1)
     out = attn_fn(joint(q_video, q_text), joint(k_video, k_text), joint(v_video, v_text), key_valid, scale=scale)
-    out_text = None
-    if q_text is not None:
-        # split batch-major: the backward then joins the two gradients by one cat in the (k * B, S, heads, d)
-        # memory layout the kernels write and read, with no zero-filled buffer, no add and no copy of its own
-        video_rows, text_rows = out.transpose(0, 1).split([g, text_len], dim=1)
-        out, out_text = video_rows.transpose(0, 1), average_text(text_rows.transpose(0, 1), k)
+    out, out_text = split_rows(out, g, q_text is not None)
     out_video = from_subsequences(out.reshape(g, k, b, *out.shape[2:]), mode)
-    return out_video, out_text
+    return out_video, average_text(out_text, k) if out_text is not None else None
 
 
 __all__ = [
     "AttentionFn", "average_text", "from_skiparse", "from_subsequences", "joint_attention",
     "joint_attention_in_order", "pad_sequence", "padded_length", "repeat_text", "skiparse_layout_valid",
-    "stage_layout_valid", "subsequences", "to_skiparse", "valid_or_all",
+    "split_rows", "stage_layout_valid", "subsequences", "to_skiparse", "valid_or_all",
 ]

@@ -36,8 +36,9 @@ class Components:
 
     def sync_params(self) -> None:
         """Finish the parameter all-gather now. With --overlap-param-gather the model's weights are gathered
-        lazily by the next forward's pre-hooks, so a checkpoint must call this first (Megatron-LM's
-        force_param_sync before saving)."""
+        lazily by the next forward's pre-hooks, so whatever reads or swaps them outside a forward calls this first:
+        a checkpoint (Megatron-LM's force_param_sync before saving), an evaluation or sample on EMA weights
+        (evaluation/runner.py evaluation_weights)."""
         if self.model.ddp_config.overlap_param_gather:
             self.model.start_param_sync(force_sync=True)
 

@@ -1,7 +1,9 @@
 """Megatron-LM's --overlap-grad-reduce / --overlap-param-gather / --ddp-bucket-size change when the data-parallel
 collectives run, never what they compute: with the distributed optimizer, two training steps give the same
-losses, gradients and updated weights with overlap on (small buckets, so many all-gathers are still in flight
-when the forward starts) as with overlap off (one bucket), at DP4, TP2 x DP2 and PP2 x DP2.
+losses, gradients and updated weights with overlap on (small buckets: the reduce-scatters run asynchronously
+during the backward, and each bucket group's all-gather waits for its first forward pre-hook) as with overlap off
+(one bucket), at DP4, TP2 x DP2 and PP2 x DP2. On CPU the adaptor issues those all-gathers synchronously (gloo's
+asynchronous coalesced one corrupts the heap: the last test here), at the same points.
 
 Tolerance: 1e-5 of each tensor's largest entry (fp32 rounding). Every reduced element is the same sum over
 the same DP ranks either way, but gloo's ring splits a bucket by its size, so the order of the additions (and
@@ -287,3 +289,66 @@ def test_controller_training_with_overlap_equals_without():
         for name, weight in off["weights"].items():
             torch.testing.assert_close(on["weights"][name], weight, rtol=0, atol=1e-5 * float(weight.abs().max()),
                                        msg=f"weight {name}")
+
+
+def gather_modes_worker() -> dict:
+    """Two DP2 overlap steps with megatron's parameter all-gathers recorded: how each was issued."""
+    import contextlib
+
+    from megatron.core import parallel_state as mpu
+    from megatron.core.distributed import param_and_grad_buffer as buffers
+
+    from megatron_video.arguments import build_parser, validate_args
+    from megatron_video.diffusion import build_objective
+    from megatron_video.models.suv_mmdit.config import suv_config
+    from megatron_video.parallel import initialize_parallel, set_seed
+    from megatron_video.parallel.pipeline import batch_pipeline_shapes, run_forward_backward
+    from megatron_video.training.components import build_components
+    from megatron_video.training.loop import make_forward_step, t2v_inputs
+
+    issued: list[tuple[bool, bool]] = []  # (inside an async coalescing block, async_op)
+    inside_async = [False]
+    manager, gather = buffers._coalescing_manager, buffers.dist_all_gather_func
+
+    @contextlib.contextmanager
+    def recording_manager(*args, async_ops: bool = False, **kwargs):
+        inside_async[0] = async_ops
+        try:
+            with manager(*args, async_ops=async_ops, **kwargs) as cm:
+                yield cm
+        finally:
+            inside_async[0] = False
+
+    def recording_gather(*args, async_op: bool = False, **kwargs):
+        issued.append((inside_async[0], async_op))
+        return gather(*args, async_op=async_op, **kwargs)
+
+    buffers._coalescing_manager, buffers.dist_all_gather_func = recording_manager, recording_gather
+    cfg, objective = suv_config("tiny"), build_objective("rectified_flow")
+    initialize_parallel()
+    set_seed(0)
+    args = build_parser().parse_args(["--use-distributed-optimizer", "--micro-batch-size", "2", *OVERLAP])
+    validate_args(args, world_size=2)
+    parts = build_components(args, cfg, train_iters=2)
+    for step in range(2):
+        batch = _batch(cfg, mpu.get_data_parallel_rank(), step)
+        parts.model.zero_grad_buffer()
+        parts.optimizer.zero_grad()
+        recv, send = batch_pipeline_shapes(parts.module, [batch])
+        run_forward_backward(make_forward_step(objective, t2v_inputs, 0, step), iter([batch]), parts.model, 1, 2,
+                             recv, send)
+        parts.optimizer.step()
+    return {"issued": issued, "buckets": len(parts.model.bucket_groups)}
+
+
+@pytest.mark.slow
+def test_cpu_parameter_gathers_are_never_asynchronous_coalesced():
+    """gloo's asynchronous coalesced all-gather corrupts the heap (bench/stress_gloo_allgather.py); on CPU the
+    adaptor makes megatron issue every parameter all-gather synchronously, still one per bucket group when its
+    first pre-hook (or a forced sync) asks for it."""
+    for record in run_distributed(gather_modes_worker, 2, timeout=600):
+        assert record["buckets"] > 3
+        assert record["issued"], "no parameter all-gather was recorded"
+        assert not any(inside or op for inside, op in record["issued"]), record["issued"][:5]
+        # the second step's forward gathers every bucket group again, once
+        assert len(record["issued"]) >= 2 * record["buckets"]

@@ -7,7 +7,8 @@ project that touches torch or megatron-core internals (the same idea as Ascend's
 - CUDA streams, events, synchronisation, NVTX ranges and cache control are no-ops;
 - the CUDA RNG (megatron's model-parallel RNG tracker) is the CPU RNG;
 - `Tensor.type()` reports `torch.cuda.*Tensor` to megatron's optimizer type checks;
-- the gradient norm's L2 fallback (used without TransformerEngine and apex) runs as one multi-tensor norm.
+- the gradient norm's L2 fallback (used without TransformerEngine and apex) runs as one multi-tensor norm;
+- the distributed optimizer's parameter all-gather runs synchronously (see `_synchronous_param_gather`).
 
 `prepare()` is idempotent and is only called for `--device cpu`.
 """
@@ -152,6 +153,24 @@ def _foreach_l2_norm(chunk_size: int, noop_flag: Any, tensor_lists: list[list[to
     return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
 
 
+def _synchronous_param_gather(original):
+    """megatron's bucket-group `start_param_sync`, always with force_sync. With --overlap-param-gather megatron
+    dispatches each bucket group's all-gather as an asynchronous coalesced collective; on gloo (torch 2.13) that
+    path corrupts the process heap now and then (a glibc abort or a SIGSEGV: about one run in ten of a short 2-rank
+    training with the overlap). `bench/stress_gloo_allgather.py` reproduces it without megatron, mostly within
+    5,000 rounds, and not with plain asynchronous all-gathers nor with the synchronous coalesced one used here
+    (docs/PERFORMANCE.md). The gathers still happen where megatron asks for them (a bucket group's first forward
+    pre-hook, or a forced sync), so when weights become current is unchanged; only the overlap, which a CPU does
+    not have, goes."""
+
+    @functools.wraps(original)
+    def start_param_sync(self: Any, force_sync: bool = False) -> None:
+        return original(self, force_sync=True)
+
+    start_param_sync._megatron_video_cpu = True
+    return start_param_sync
+
+
 def prepare() -> None:
     global _PATCHED
     if _PATCHED:
@@ -209,6 +228,11 @@ def prepare() -> None:
 
     if clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm:  # neither TE nor apex present
         clip_grads.l2_norm_impl = _foreach_l2_norm
+
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
+
+    if not getattr(_ParamAndGradBucketGroup.start_param_sync, "_megatron_video_cpu", False):
+        _ParamAndGradBucketGroup.start_param_sync = _synchronous_param_gather(_ParamAndGradBucketGroup.start_param_sync)
 
     _PATCHED = True
 

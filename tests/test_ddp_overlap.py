@@ -40,6 +40,40 @@ def _batch(cfg, dp_rank: int, step: int) -> dict:
     }
 
 
+def _components(cfg, world_size: int, overlap: bool, train_iters: int, *extra: str, wrap=None):
+    """A run's training components: the distributed optimizer, micro-batch 2, lr 1e-2 and Adam eps 1e-4 (see the
+    module docstring), `extra` flags, and megatron's overlaps with small buckets or none."""
+    from megatron_video.arguments import build_parser, validate_args
+    from megatron_video.training.components import build_components
+
+    args = build_parser().parse_args(["--use-distributed-optimizer", "--micro-batch-size", "2", "--lr", "1e-2",
+                                      "--adam-eps", "1e-4", *extra, *(OVERLAP if overlap else [])])
+    validate_args(args, world_size=world_size)
+    return build_components(args, cfg, train_iters=train_iters, wrap=wrap)
+
+
+def _forward_backward(parts, objective, batch: dict, step: int, prepare_inputs=None) -> list[float]:
+    """One global batch (one micro-batch) through megatron's schedule with zeroed gradients; the losses this
+    pipeline stage computes. The caller steps the optimizer."""
+    from megatron_video.parallel.pipeline import batch_pipeline_shapes, run_forward_backward
+    from megatron_video.training.loop import make_forward_step, t2v_inputs
+
+    parts.model.zero_grad_buffer()
+    parts.optimizer.zero_grad()
+    recv, send = batch_pipeline_shapes(parts.module, [batch])
+    losses = run_forward_backward(make_forward_step(objective, prepare_inputs or t2v_inputs, 0, step), iter([batch]),
+                                  parts.model, 1, 2, recv, send)
+    return [d["loss"].item() for d in losses]
+
+
+def _assert_same_training(off: dict, on: dict, where: str = "") -> None:
+    """Losses to 1e-6 and final weights to 1e-5 of each tensor's largest entry (module docstring)."""
+    torch.testing.assert_close(on["losses"], off["losses"], rtol=1e-6, atol=0, msg=where or None)
+    for name, weight in off["weights"].items():
+        torch.testing.assert_close(on["weights"][name], weight, rtol=0, atol=1e-5 * float(weight.abs().max()),
+                                   msg=f"{where}: weight {name}" if where else f"weight {name}")
+
+
 def _reduced_grad_shards(parts) -> dict[str, tuple[int, int, torch.Tensor]]:
     """The gradient ranges this DP rank's distributed optimizer owns, after the reduce-scatter (elsewhere the
     grad buffer holds unreduced local values, and which ranges a rank owns depends on the buckets)."""
@@ -68,13 +102,9 @@ def _full_grads(records: list[dict]) -> dict[str, torch.Tensor]:
 def overlap_worker(layouts: list[tuple[int, int]]) -> list[dict]:
     from megatron.core import parallel_state as mpu
 
-    from megatron_video.arguments import build_parser, validate_args
     from megatron_video.diffusion import build_objective
     from megatron_video.models.suv_mmdit.config import suv_config
     from megatron_video.parallel import initialize_parallel, set_seed
-    from megatron_video.parallel.pipeline import batch_pipeline_shapes, run_forward_backward
-    from megatron_video.training.components import build_components
-    from megatron_video.training.loop import make_forward_step, t2v_inputs
 
     cfg = suv_config("tiny")
     objective = build_objective("rectified_flow")
@@ -83,23 +113,13 @@ def overlap_worker(layouts: list[tuple[int, int]]) -> list[dict]:
         for overlap in (False, True):
             initialize_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
             set_seed(0)
-            argv = ["--use-distributed-optimizer", "--tensor-model-parallel-size", str(tp),
-                    "--pipeline-model-parallel-size", str(pp), "--micro-batch-size", "2", "--lr", "1e-2",
-                    "--adam-eps", "1e-4", "--ema-decay", "0", *(OVERLAP if overlap else [])]
-            args = build_parser().parse_args(argv)
-            validate_args(args, world_size=4)
-            parts = build_components(args, cfg, train_iters=2)
+            parts = _components(cfg, 4, overlap, 2, "--tensor-model-parallel-size", str(tp),
+                                "--pipeline-model-parallel-size", str(pp), "--ema-decay", "0")
             dp_rank = mpu.get_data_parallel_rank()
             record = {"tp": tp, "pp": pp, "overlap": overlap, "losses": [], "buckets": len(parts.model.bucket_groups),
                       "model_rank": (mpu.get_tensor_model_parallel_rank(), mpu.get_pipeline_model_parallel_rank())}
             for step in range(2):
-                batch = _batch(cfg, dp_rank, step)
-                parts.model.zero_grad_buffer()
-                parts.optimizer.zero_grad()
-                recv, send = batch_pipeline_shapes(parts.module, [batch])
-                losses = run_forward_backward(make_forward_step(objective, t2v_inputs, 0, step), iter([batch]),
-                                              parts.model, 1, 2, recv, send)
-                record["losses"] += [d["loss"].item() for d in losses]
+                record["losses"] += _forward_backward(parts, objective, _batch(cfg, dp_rank, step), step)
                 if step == 1:
                     record["grads"] = _reduced_grad_shards(parts)
                 parts.optimizer.step()
@@ -119,10 +139,7 @@ def test_overlap_on_equals_off():
             where = f"TP{tp} PP{pp} model rank {a['model_rank']}"
             # overlap really ran with many buckets (megatron keeps one bucket on pipeline stages after the first)
             assert a["buckets"] == 1 and (b["buckets"] > 3 or a["model_rank"][1] > 0), where
-            torch.testing.assert_close(b["losses"], a["losses"], rtol=1e-6, atol=0, msg=where)
-            for name, weight in a["weights"].items():
-                torch.testing.assert_close(b["weights"][name], weight, rtol=0, atol=1e-5 * float(weight.abs().max()),
-                                           msg=f"{where}: weight {name}")
+            _assert_same_training(a, b, where)
         for model_rank in {r["model_rank"] for r in off}:  # per replica position: the reduced gradient
             grads_off = _full_grads([r for r in off if r["model_rank"] == model_rank])
             grads_on = _full_grads([r for r in on if r["model_rank"] == model_rank])
@@ -172,13 +189,11 @@ def ema_evaluation_worker() -> list[dict]:
     """Three DP2 steps with an evaluation forward on the EMA weights after the first, overlap off and on."""
     from megatron.core import parallel_state as mpu
 
-    from megatron_video.arguments import build_parser, validate_args
     from megatron_video.diffusion import build_objective
     from megatron_video.evaluation.runner import evaluation_weights
     from megatron_video.models.suv_mmdit.config import suv_config
     from megatron_video.parallel import initialize_parallel, set_seed
-    from megatron_video.parallel.pipeline import batch_pipeline_shapes, run_forward_backward
-    from megatron_video.training.components import build_components
+    from megatron_video.parallel.pipeline import run_forward_backward
     from megatron_video.training.loop import make_forward_step, t2v_inputs
 
     cfg, objective = suv_config("tiny"), build_objective("rectified_flow")
@@ -186,27 +201,17 @@ def ema_evaluation_worker() -> list[dict]:
     for overlap in (False, True):
         initialize_parallel()
         set_seed(0)
-        args = build_parser().parse_args(["--use-distributed-optimizer", "--micro-batch-size", "2", "--lr", "1e-2",
-                                          "--adam-eps", "1e-4", "--ema-decay", "0.5",
-                                          *(OVERLAP if overlap else [])])
-        validate_args(args, world_size=2)
-        parts = build_components(args, cfg, train_iters=3)
+        parts = _components(cfg, 2, overlap, 3, "--ema-decay", "0.5")
         dp_rank = mpu.get_data_parallel_rank()
         record = {"losses": [], "eval": None, "buckets": len(parts.model.bucket_groups)}
         for step in range(3):
-            batch = _batch(cfg, dp_rank, step)
-            parts.model.zero_grad_buffer()
-            parts.optimizer.zero_grad()
-            recv, send = batch_pipeline_shapes(parts.module, [batch])
-            losses = run_forward_backward(make_forward_step(objective, t2v_inputs, 0, step), iter([batch]),
-                                          parts.model, 1, 2, recv, send)
-            record["losses"] += [d["loss"].item() for d in losses]
+            record["losses"] += _forward_backward(parts, objective, _batch(cfg, dp_rank, step), step)
             parts.optimizer.step()
             parts.ema.update()
             if step == 0:  # what Evaluator.run and TrainingSampler.run do around their forwards
                 with evaluation_weights(parts, use_ema=True), torch.no_grad():
                     losses = run_forward_backward(make_forward_step(objective, t2v_inputs, 0, 99),
-                                                  iter([_batch(cfg, dp_rank, 99)]), parts.model, 1, 2, recv, send,
+                                                  iter([_batch(cfg, dp_rank, 99)]), parts.model, 1, 2,
                                                   forward_only=True)
                 record["eval"] = losses[0]["loss"].item()
         parts.sync_params()
@@ -224,25 +229,19 @@ def test_evaluation_on_ema_weights_keeps_the_next_steps_exact():
     for off, on in run_distributed(ema_evaluation_worker, 2, timeout=600):
         assert off["buckets"] == 1 and on["buckets"] > 3
         assert on["eval"] == pytest.approx(off["eval"], rel=1e-6, abs=0)
-        torch.testing.assert_close(on["losses"], off["losses"], rtol=1e-6, atol=0)
-        for name, weight in off["weights"].items():
-            torch.testing.assert_close(on["weights"][name], weight, rtol=0, atol=1e-5 * float(weight.abs().max()),
-                                       msg=f"weight {name}")
+        _assert_same_training(off, on)
 
 
 def controller_worker() -> list[dict]:
     """Four DP2 steps of a structure controller on a frozen (random) base, overlap off and on."""
     from megatron.core import parallel_state as mpu
 
-    from megatron_video.arguments import build_parser, validate_args
     from megatron_video.control.training import control_inputs
     from megatron_video.diffusion import build_objective
     from megatron_video.models.control import ControlConfig, ControlledSUV
     from megatron_video.models.suv_mmdit.config import suv_config
     from megatron_video.parallel import initialize_parallel, set_seed
-    from megatron_video.parallel.pipeline import batch_pipeline_shapes, run_forward_backward
-    from megatron_video.training.components import ModelWrap, build_components
-    from megatron_video.training.loop import make_forward_step
+    from megatron_video.training.components import ModelWrap
 
     cfg, objective = suv_config("tiny"), build_objective("rectified_flow")
     control = ControlConfig(signal_channels=1, temporal_downsample=2, spatial_downsample=2, conv_channels=8,
@@ -255,22 +254,14 @@ def controller_worker() -> list[dict]:
     for overlap in (False, True):
         initialize_parallel()
         set_seed(0)
-        args = build_parser().parse_args(["--use-distributed-optimizer", "--micro-batch-size", "2", "--lr", "1e-2",
-                                          "--adam-eps", "1e-4", "--ema-decay", "0", *(OVERLAP if overlap else [])])
-        validate_args(args, world_size=2)
-        parts = build_components(args, cfg, train_iters=4, wrap=wrap)
+        parts = _components(cfg, 2, overlap, 4, "--ema-decay", "0", wrap=wrap)
         dp_rank = mpu.get_data_parallel_rank()
         record = {"losses": [], "buckets": len(parts.model.bucket_groups)}
         for step in range(4):
             batch = _batch(cfg, dp_rank, step)
             g = torch.Generator().manual_seed(7 * step + dp_rank)
             batch["structure"] = torch.randn(2, 1, *control.pixel_shape(tuple(batch["x0"].shape[2:])), generator=g)
-            parts.model.zero_grad_buffer()
-            parts.optimizer.zero_grad()
-            recv, send = batch_pipeline_shapes(parts.module, [batch])
-            losses = run_forward_backward(make_forward_step(objective, control_inputs, 0, step), iter([batch]),
-                                          parts.model, 1, 2, recv, send)
-            record["losses"] += [d["loss"].item() for d in losses]
+            record["losses"] += _forward_backward(parts, objective, batch, step, control_inputs)
             parts.optimizer.step()
         parts.sync_params()
         record["weights"] = {n: p.detach().clone() for n, p in parts.module.controller.named_parameters()}
@@ -285,10 +276,7 @@ def test_controller_training_with_overlap_equals_without():
     2026-12-05: tests/test_param_reads.py)."""
     for off, on in run_distributed(controller_worker, 2, timeout=600):
         assert off["buckets"] == 1 and on["buckets"] > 3
-        torch.testing.assert_close(on["losses"], off["losses"], rtol=1e-6, atol=0)
-        for name, weight in off["weights"].items():
-            torch.testing.assert_close(on["weights"][name], weight, rtol=0, atol=1e-5 * float(weight.abs().max()),
-                                       msg=f"weight {name}")
+        _assert_same_training(off, on)
 
 
 def gather_modes_worker() -> dict:
@@ -298,13 +286,9 @@ def gather_modes_worker() -> dict:
     from megatron.core import parallel_state as mpu
     from megatron.core.distributed import param_and_grad_buffer as buffers
 
-    from megatron_video.arguments import build_parser, validate_args
     from megatron_video.diffusion import build_objective
     from megatron_video.models.suv_mmdit.config import suv_config
     from megatron_video.parallel import initialize_parallel, set_seed
-    from megatron_video.parallel.pipeline import batch_pipeline_shapes, run_forward_backward
-    from megatron_video.training.components import build_components
-    from megatron_video.training.loop import make_forward_step, t2v_inputs
 
     issued: list[tuple[bool, bool]] = []  # (inside an async coalescing block, async_op)
     inside_async = [False]
@@ -327,16 +311,9 @@ def gather_modes_worker() -> dict:
     cfg, objective = suv_config("tiny"), build_objective("rectified_flow")
     initialize_parallel()
     set_seed(0)
-    args = build_parser().parse_args(["--use-distributed-optimizer", "--micro-batch-size", "2", *OVERLAP])
-    validate_args(args, world_size=2)
-    parts = build_components(args, cfg, train_iters=2)
+    parts = _components(cfg, 2, True, 2)
     for step in range(2):
-        batch = _batch(cfg, mpu.get_data_parallel_rank(), step)
-        parts.model.zero_grad_buffer()
-        parts.optimizer.zero_grad()
-        recv, send = batch_pipeline_shapes(parts.module, [batch])
-        run_forward_backward(make_forward_step(objective, t2v_inputs, 0, step), iter([batch]), parts.model, 1, 2,
-                             recv, send)
+        _forward_backward(parts, objective, _batch(cfg, mpu.get_data_parallel_rank(), step), step)
         parts.optimizer.step()
     return {"issued": issued, "buckets": len(parts.model.bucket_groups)}
 

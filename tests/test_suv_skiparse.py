@@ -11,10 +11,14 @@ from megatron_video.models.attention import attention
 from megatron_video.models.suv_mmdit.skiparse import (
     average_text,
     from_skiparse,
+    join_text,
     joint_attention,
+    joint_attention_in_order,
+    natural_subsequences,
     pad_sequence,
     padded_length,
     repeat_text,
+    stage_layout_valid,
     to_skiparse,
 )
 
@@ -123,3 +127,42 @@ def test_attention_never_sees_a_square_mask() -> None:
     joint_attention(x, x, x, t, t, t, torch.ones(batch, n, dtype=torch.bool), torch.ones(batch, 3, dtype=torch.bool),
                     k=k, mode="group", scale=0.3, attn_fn=recording_attention)
     assert seen == [(k * batch, padded_length(n, k) // k + 3)]
+
+
+@pytest.mark.parametrize("k, mode", [(1, "full"), (2, "single"), (3, "group"), (4, "single"), (4, "group")])
+def test_joined_sub_sequences_follow_to_skiparse(k: int, mode: str) -> None:
+    """`join_text` over `natural_subsequences` = [to_skiparse(video) ; repeat_text(text)], and its gradients
+    (float64 gradcheck) are those of that reference, with and without text rows."""
+    g = torch.Generator().manual_seed(k)
+    n_p, batch, heads, dim, text_len = 2 * k * k, 2, 2, 3, 4
+    video = torch.randn(n_p, batch, heads, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    text = torch.randn(text_len, batch, heads, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    layout = to_skiparse(video, k, mode) if k > 1 else video
+    joined = join_text(natural_subsequences(video, k, mode), text)
+    assert torch.equal(joined, torch.cat([layout, repeat_text(text, k)], dim=0))
+    assert torch.equal(join_text(natural_subsequences(video, k, mode), None), layout)
+    assert torch.autograd.gradcheck(lambda v, t: join_text(natural_subsequences(v, k, mode), t), (video, text))
+    assert torch.autograd.gradcheck(lambda v: join_text(natural_subsequences(v, k, mode), None), (video,))
+
+
+@pytest.mark.parametrize("k, mode", [(1, "full"), (2, "single"), (4, "group")])
+@pytest.mark.parametrize("masked", [False, True])
+def test_kernel_gets_batch_major_inputs(k: int, mode: str, masked: bool) -> None:
+    """Both attention paths hand the kernel q/k/v whose (B', S, heads, d) transpose is contiguous, so
+    flash-attn's varlen and the NPU's TND packing reshape them without a copy (models/attention.py)."""
+    seen = []
+
+    def recording_attention(q, key, value, key_valid, *, scale):
+        seen.append([t.transpose(0, 1).is_contiguous() for t in (q, key, value)])
+        return attention(q, key, value, key_valid, scale=scale)
+
+    n, batch = 2 * k * k, 2
+    x, t = torch.randn(n, batch, 2, 8), torch.randn(3, batch, 2, 8)
+    video_valid = torch.ones(batch, n, dtype=torch.bool) if masked else None
+    text_valid = torch.ones(batch, 3, dtype=torch.bool) if masked else None
+    joint_attention(x, x, x, t, t, t, video_valid, text_valid, k=k, mode=mode, scale=0.3,
+                    attn_fn=recording_attention)
+    in_order_valid = stage_layout_valid(video_valid.t(), k, mode) if masked else None
+    joint_attention_in_order(x, x, x, t, t, t, in_order_valid, text_valid, k=k, mode=mode, scale=0.3,
+                             attn_fn=recording_attention)
+    assert seen == [[True] * 3] * 2

@@ -32,7 +32,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, 
 from torch import Tensor, nn
 
 from megatron_video.models.suv_mmdit.config import SUVConfig
-from megatron_video.models.suv_mmdit.skiparse import pad_sequence, repeat_text, split_rows, valid_or_all
+from megatron_video.models.suv_mmdit.skiparse import join_text, pad_sequence, split_rows, valid_or_all
 from megatron_video.models.suv_mmdit.skiparse_layout import (
     BlockPlan,
     Geometry,
@@ -218,8 +218,8 @@ class BlockContext:
         b = q_video.shape[1]
 
         def grouped(t: Tensor) -> Tensor:
-            t = t.index_select(0, order).reshape(num_sub, length, *t.shape[1:])
-            return t.transpose(0, 1).reshape(length, num_sub * b, *t.shape[3:])
+            """(num_sub, B, length, heads, d): a view of this rank's sub-sequences, gathered by one copy."""
+            return t.index_select(0, order).reshape(num_sub, length, *t.shape[1:]).transpose(1, 2)
 
         key_valid = None
         if video_valid is not None or text_valid is not None:
@@ -228,11 +228,8 @@ class BlockContext:
             valid = video_valid[:, sorted_ids].reshape(b, num_sub, length)
             valid = valid.transpose(0, 1).reshape(num_sub * b, length)
             key_valid = torch.cat([valid, text_valid.repeat(num_sub, 1)], dim=1)
-        q, key, value = grouped(q_video), grouped(k_video), grouped(v_video)
-        if q_text is not None:
-            q = torch.cat([q, repeat_text(q_text, num_sub)], dim=0)
-        key = torch.cat([key, repeat_text(k_text, num_sub)], dim=0)
-        value = torch.cat([value, repeat_text(v_text, num_sub)], dim=0)
+        q, key, value = (join_text(grouped(video), text)
+                         for video, text in ((q_video, q_text), (k_video, k_text), (v_video, v_text)))
         out_video, out_text = split_rows(attn_fn(q, key, value, key_valid, scale=scale), length, q_text is not None)
         rest = out_video.shape[2:]
         out_video = out_video.reshape(length, num_sub, b, *rest).transpose(0, 1).reshape(num_sub * length, b, *rest)

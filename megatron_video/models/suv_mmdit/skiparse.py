@@ -23,6 +23,7 @@ queries and invariant in its keys, and RoPE is applied with true positions befor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -112,23 +113,68 @@ def joint_attention(
     if not dense:
         video_valid = valid_or_all(video_valid, b, n, q_video.device)
         text_valid = valid_or_all(text_valid, b, k_text.shape[0], q_video.device)
-    if k > 1:
-        n_p = padded_length(n, k)
-        q_video, k_video, v_video = (to_skiparse(pad_sequence(t, n_p), k, mode) for t in (q_video, k_video, v_video))
-        q_text = repeat_text(q_text, k) if q_text is not None else None
-        k_text, v_text = repeat_text(k_text, k), repeat_text(v_text, k)
-        if not dense:
+    n_p = padded_length(n, k)
+    q, key, value = (join_text(natural_subsequences(pad_sequence(video, n_p), k, mode), text)
+                     for video, text in ((q_video, q_text), (k_video, k_text), (v_video, v_text)))
+    key_valid = None
+    if not dense:
+        if k > 1:
             video_valid, text_valid = skiparse_layout_valid(video_valid, k, mode), text_valid.repeat(k, 1)
-    n_video_q = q_video.shape[0]
-    q = q_video if q_text is None else torch.cat([q_video, q_text], dim=0)
-    key = torch.cat([k_video, k_text], dim=0)
-    value = torch.cat([v_video, v_text], dim=0)
-    key_valid = None if dense else torch.cat([video_valid, text_valid], dim=1)
-    out_video, out_text = split_rows(attn_fn(q, key, value, key_valid, scale=scale), n_video_q, q_text is not None)
+        key_valid = torch.cat([video_valid, text_valid], dim=1)
+    out_video, out_text = split_rows(attn_fn(q, key, value, key_valid, scale=scale), n_p // k, q_text is not None)
     if k > 1:
         out_video = from_skiparse(out_video, k, mode)[:n]
         out_text = average_text(out_text, k) if out_text is not None else None
     return out_video, out_text
+
+
+def natural_subsequences(x: torch.Tensor, k: int, mode: AttentionMode) -> torch.Tensor:
+    """A view of a natural-order (N_p, B, *rest) stream as its k sub-sequences, (k, B, *seq, *rest), in
+    `to_skiparse`'s order: single skip (k, B, N_p / k, ...); group skip (k, B, N_p / k^2, k, ...), the last two
+    dims one sub-sequence (token n k^2 + m k + u of sub-sequence m at position n k + u). k = 1: (1, B, N, ...)."""
+    n, b, rest = x.shape[0], x.shape[1], x.shape[2:]
+    tail = tuple(range(3, 3 + len(rest)))
+    if k == 1 or mode == "single":  # token i k + r: sub-sequence r, position i
+        return x.reshape(n // k, k, b, *rest).permute(1, 2, 0, *tail)
+    if mode == "group":
+        return x.reshape(n // (k * k), k, k, b, *rest).permute(1, 3, 0, 2, *(d + 1 for d in tail))
+    raise ValueError(f"skiparse mode must be 'single' or 'group', got {mode!r}")
+
+
+def join_text(video: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+    """[video sub-sequence r ; text] for every r, in one copy: the kernels' input (S, k * B, heads, d), a
+    sequence-first view of (k * B, S, heads, d) memory.
+
+    video: (k, B, *seq, heads, d), a view of the stream (`natural_subsequences`, or `subsequences` moved to the
+    front; `seq` one or two dims, one sub-sequence); text: (L, B, heads, d) or None (no text rows). Batch-major
+    memory is what flash-attn's and the NPU's packed (TND) layouts are, so their reshapes are views, and on CPU
+    SDPA runs the many short sub-sequences faster from it than from sequence-first memory. One autograd node:
+    its backward hands back views of the gradient (video) and the k-copy sum (text), no zero-filled buffers."""
+    return _JoinText.apply(video, text)
+
+
+class _JoinText(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, video: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+        k, b, heads, d = video.shape[0], video.shape[1], video.shape[-2], video.shape[-1]
+        rows = math.prod(video.shape[2:-2])
+        length = 0 if text is None else text.shape[0]
+        joined = video.new_empty(k, b, rows + length, heads, d)
+        joined[:, :, :rows].view(video.shape).copy_(video)
+        if text is not None:  # every sub-sequence gets the full text: batch index r * B + b
+            joined[:, :, rows:].copy_(text.transpose(0, 1)[None].expand(k, b, length, heads, d))
+        ctx.video_shape, ctx.rows, ctx.with_text = video.shape, rows, text is not None
+        return joined.view(k * b, rows + length, heads, d).transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        k, b = ctx.video_shape[0], ctx.video_shape[1]
+        grad = grad.transpose(0, 1).reshape(k, b, grad.shape[0], *grad.shape[2:])
+        grad_video = grad[:, :, :ctx.rows].reshape(ctx.video_shape) if ctx.needs_input_grad[0] else None
+        grad_text = None
+        if ctx.with_text and ctx.needs_input_grad[1]:
+            grad_text = grad[:, :, ctx.rows:].sum(dim=0).transpose(0, 1)
+        return grad_video, grad_text
 
 
 def split_rows(out: torch.Tensor, video_rows: int, has_text: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -179,30 +225,21 @@ def joint_attention_in_order(
     or None."""
     n_p, b = q_video.shape[0], q_video.shape[1]
     g, text_len = n_p // k, k_text.shape[0]
-
-    def joint(video: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
-        """(S, k * B, heads, d) sequence-first, written by one copy batch-major, (k * B, heads, S, d) in memory:
-        the kernels' own layout (on CPU, SDPA runs the many short sub-sequences markedly faster from it)."""
-        parts = [subsequences(video, k, mode)]
-        if text is not None:  # every sub-sequence gets the full text: batch index r * B + b
-            parts.append(text[:, None].expand(text.shape[0], k, *text.shape[1:]))
-        parts = [part.permute(1, 2, 3, 0, 4) for part in parts]  # (k, B, heads, S_part, d)
-        joined = torch.cat(parts, dim=3) if len(parts) > 1 else parts[0].contiguous()
-        return joined.permute(3, 0, 1, 2, 4).reshape(joined.shape[3], k * b, joined.shape[2], joined.shape[4])
-
     key_valid = None
     if video_valid is not None or text_valid is not None:
         video_valid = valid_or_all(video_valid, k * b, g, q_video.device)
         text_valid = valid_or_all(text_valid, b, text_len, q_video.device).repeat(k, 1)
         key_valid = torch.cat([video_valid, text_valid], dim=1)
-    out = attn_fn(joint(q_video, q_text), joint(k_video, k_text), joint(v_video, v_text), key_valid, scale=scale)
+    q, key, value = (join_text(subsequences(video, k, mode).movedim((1, 2), (0, 1)), text)
+                     for video, text in ((q_video, q_text), (k_video, k_text), (v_video, v_text)))
+    out = attn_fn(q, key, value, key_valid, scale=scale)
     out, out_text = split_rows(out, g, q_text is not None)
     out_video = from_subsequences(out.reshape(g, k, b, *out.shape[2:]), mode)
     return out_video, average_text(out_text, k) if out_text is not None else None
 
 
 __all__ = [
-    "AttentionFn", "average_text", "from_skiparse", "from_subsequences", "joint_attention",
-    "joint_attention_in_order", "pad_sequence", "padded_length", "repeat_text", "skiparse_layout_valid",
-    "split_rows", "stage_layout_valid", "subsequences", "to_skiparse", "valid_or_all",
+    "AttentionFn", "average_text", "from_skiparse", "from_subsequences", "join_text", "joint_attention",
+    "joint_attention_in_order", "natural_subsequences", "pad_sequence", "padded_length", "repeat_text",
+    "skiparse_layout_valid", "split_rows", "stage_layout_valid", "subsequences", "to_skiparse", "valid_or_all",
 ]

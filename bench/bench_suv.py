@@ -13,7 +13,9 @@ length, training/data.py trim_text_padding, fills it at micro-batch 1); `--masks
 masked kernel path of micro-batches whose captions differ in length.
 
 `--compile BACKEND` compiles the stack's elementwise regions as the trainer's `--compile` does (both models);
-`--part` times only the attention or only the stack.
+`--part` times only the attention or only the stack; `--part kernel` times the bare SDPA kernel on the joined
+shapes (k sub-sequences of N/k + L tokens against one of N + L) beside their FLOPs ratio, the floor under the
+attention rows.
 
 Runs interleave the variants and report medians. Example (CPU):
     PYTHONPATH=. python bench/bench_suv.py --grid 4 32 32 --heads 2 --head-dim 64 --reps 3 --threads 1
@@ -106,6 +108,24 @@ def bench_attention(n: int, text_len: int, heads: int, head_dim: int, reps: int,
     return _interleaved(runs, reps)
 
 
+def bench_kernel(n: int, text_len: int, heads: int, head_dim: int, reps: int) -> dict[str, tuple[float, float]]:
+    """SDPA forward + backward alone on batch-major (k, N/k + L, heads, d) inputs, as the attention paths hand
+    them over, for k = 1, 2, 4, 8: what the kernel costs before any rearrangement."""
+    g = torch.Generator().manual_seed(0)
+
+    def run(k: int) -> Callable[[], None]:
+        shape = (k, n // k + text_len, heads, head_dim)
+        q, key, value = (torch.randn(shape, generator=g).transpose(1, 2).requires_grad_() for _ in range(3))
+        upstream = torch.randn(shape, generator=g).transpose(1, 2)
+
+        def fn() -> None:
+            out = torch.nn.functional.scaled_dot_product_attention(q, key, value, scale=head_dim ** -0.5)
+            torch.autograd.grad(out, (q, key, value), upstream)
+        return fn
+
+    return _interleaved({f"kernel, k={k} ({k} x {n // k + text_len} tokens)": run(k) for k in (1, 2, 4, 8)}, reps)
+
+
 def bench_stack(grid: tuple[int, int, int], text_len: int, heads: int, head_dim: int, sparse_n: tuple[int, ...],
                 layers: int, reps: int, masks: bool, compile_backend: str | None = None,
                 ) -> dict[str, tuple[float, float]]:
@@ -154,7 +174,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--masks", action="store_true", help="all-True key masks (the masked kernel path)")
-    parser.add_argument("--part", choices=("both", "attention", "stack"), default="both", help="what to time")
+    parser.add_argument("--part", choices=("both", "attention", "stack", "kernel"), default="both",
+                        help="what to time (kernel: SDPA alone on the joined shapes)")
     parser.add_argument("--compile", default=None, metavar="BACKEND",
                         help="the stack's elementwise regions compiled with this torch.compile backend, as the "
                              "trainer's --compile (e.g. inductor; default: eager)")
@@ -178,6 +199,11 @@ def main() -> None:
     if args.part in ("both", "attention"):
         attn_times = bench_attention(n, args.text_len, args.heads, args.head_dim, args.reps, args.masks)
         _table("skiparse joint attention vs dense", attn_times, "dense (k=1)")
+    if args.part == "kernel":
+        kernel_times = bench_kernel(n, args.text_len, args.heads, args.head_dim, args.reps)
+        _table("SDPA kernel alone vs k=1", kernel_times, next(iter(kernel_times)))
+        for k in (2, 4, 8):
+            print(f"FLOPs ratio k={k}: {k * (n // k + args.text_len) ** 2 / (n + args.text_len) ** 2:.4f}")
     if args.part in ("both", "stack"):
         stack_times = bench_stack(tuple(args.grid), args.text_len, args.heads, args.head_dim, tuple(args.sparse_n),
                                   args.layers_per_stage, args.reps, args.masks, args.compile)

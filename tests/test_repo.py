@@ -113,3 +113,15 @@ def test_quickstart_fails_loudly(tmp_path: Path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 7
     assert "the-real-error" in proc.stderr and "step 'train' failed" in proc.stderr
+
+
+def test_tour_names_files_that_exist():
+    """Every file or folder docs/TOUR.md names in backticks (`x.py`, `dir/`, `dir/x.py`) is in the repository, so
+    the reading order cannot point at a file that was renamed or removed."""
+    paths = {p.relative_to(REPO).as_posix() for p in REPO.rglob("*")
+             if not {".git", ".venv", "__pycache__"} & set(p.relative_to(REPO).parts)}
+    named = re.findall(r"`([\w./]+(?:\.py|\.md|/))`", (REPO / "docs" / "TOUR.md").read_text())
+    assert len(named) > 30
+    missing = [name for name in named
+               if not any(p == name.rstrip("/") or p.endswith("/" + name.rstrip("/")) for p in paths)]
+    assert not missing, missing

@@ -109,11 +109,11 @@ def joint_attention(
     text out).
     """
     n, b = q_video.shape[0], q_video.shape[1]
-    dense = video_valid is None and text_valid is None and (k == 1 or padded_length(n, k) == n)
+    n_p = padded_length(n, k)
+    dense = video_valid is None and text_valid is None and n_p == n
     if not dense:
         video_valid = valid_or_all(video_valid, b, n, q_video.device)
         text_valid = valid_or_all(text_valid, b, k_text.shape[0], q_video.device)
-    n_p = padded_length(n, k)
     q, key, value = (join_text(natural_subsequences(pad_sequence(video, n_p), k, mode), text)
                      for video, text in ((q_video, q_text), (k_video, k_text), (v_video, v_text)))
     key_valid = None
@@ -163,7 +163,7 @@ class _JoinText(torch.autograd.Function):
         joined[:, :, :rows].view(video.shape).copy_(video)
         if text is not None:  # every sub-sequence gets the full text: batch index r * B + b
             joined[:, :, rows:].copy_(text.transpose(0, 1)[None].expand(k, b, length, heads, d))
-        ctx.video_shape, ctx.rows, ctx.with_text = video.shape, rows, text is not None
+        ctx.video_shape, ctx.rows = video.shape, rows
         return joined.view(k * b, rows + length, heads, d).transpose(0, 1)
 
     @staticmethod
@@ -171,9 +171,8 @@ class _JoinText(torch.autograd.Function):
         k, b = ctx.video_shape[0], ctx.video_shape[1]
         grad = grad.transpose(0, 1).reshape(k, b, grad.shape[0], *grad.shape[2:])
         grad_video = grad[:, :, :ctx.rows].reshape(ctx.video_shape) if ctx.needs_input_grad[0] else None
-        grad_text = None
-        if ctx.with_text and ctx.needs_input_grad[1]:
-            grad_text = grad[:, :, ctx.rows:].sum(dim=0).transpose(0, 1)
+        # needs_input_grad[1] is False for a None text as well
+        grad_text = grad[:, :, ctx.rows:].sum(dim=0).transpose(0, 1) if ctx.needs_input_grad[1] else None
         return grad_video, grad_text
 
 
